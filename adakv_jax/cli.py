@@ -1,0 +1,153 @@
+"""Command line: `python -m adakv_jax generate --model smollm2-135m --prompt "..." [--press ada-snapkv]`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+PRESS_NAMES = ("full", "snapkv", "ada-snapkv", "pyramidkv", "ada-pyramidkv", "h2o", "ada-h2o",
+               "streamingllm", "knorm", "random")
+_PLACEHOLDER = "\u0000ADAKV_CONTEXT\u0000"
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m adakv_jax", description=__doc__)
+  sub = p.add_subparsers(dest="command", required=True)
+  g = sub.add_parser("generate", help="generate text with a full or compressed KV cache")
+  g.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a HF checkpoint dir, a .gguf file "
+                 "or a converted (orbax) dir")
+  src = g.add_mutually_exclusive_group(required=True)
+  src.add_argument("--prompt", help="prompt text (the context, in question-agnostic mode)")
+  src.add_argument("--prompt-file", help="read the prompt from this file")
+  g.add_argument("--max-new-tokens", type=int, default=64)
+  g.add_argument("--raw", action="store_true", help="skip the chat template")
+  g.add_argument("--json", action="store_true", help="print one JSON object")
+  g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  g.add_argument("--top-p", type=float, default=1.0)
+  g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--backend", choices=("auto", "xla", "pallas"), default="auto")
+  c = g.add_argument_group("compression")
+  c.add_argument("--press", default="full", help=f"one of: {', '.join(PRESS_NAMES)}")
+  b = c.add_mutually_exclusive_group()
+  b.add_argument("--budget", type=int, help="average cache entries per head, window included")
+  b.add_argument("--compression-ratio", type=float, help="fraction of the prompt's entries to evict")
+  c.add_argument("--window", type=int, help="observation window (default 32)")
+  c.add_argument("--kernel", type=int, help="pooling kernel (default 7 for snapkv)")
+  c.add_argument("--pool", choices=("max", "avg"))
+  c.add_argument("--floor-alpha", type=float, help="safeguard floor alpha in [0, 1] (default 0.2)")
+  c.add_argument("--floor-mode", choices=("reserve", "mix"))
+  c.add_argument("--head-cap-factor", type=float, help="per-head cap as a multiple of the mean budget")
+  c.add_argument("--gqa", choices=("kv", "query"))
+  c.add_argument("--question", action="append", help="question-agnostic mode: compress the prompt alone, "
+                 "then answer each question against the same compressed cache (repeatable)")
+  c.add_argument("--show-positions", action="store_true", help="include kept positions in --json")
+  return p
+
+
+def _press_from_args(a):
+  from adakv_jax.press import make_press
+
+  if a.press not in PRESS_NAMES:
+    raise SystemExit(f"error: unknown press {a.press!r}; choose one of: {', '.join(PRESS_NAMES)}")
+  overrides = {k: v for k, v in dict(
+      budget=a.budget, compression_ratio=a.compression_ratio, window=a.window, kernel=a.kernel,
+      pool=a.pool, floor_alpha=a.floor_alpha, floor_mode=a.floor_mode, head_cap_factor=a.head_cap_factor,
+      gqa=a.gqa, backend=a.backend).items() if v is not None}
+  if a.compression_ratio is not None:
+    overrides["budget"] = None
+  if a.press == "full":
+    return None
+  return make_press(a.press, **overrides)
+
+
+def _encode_prompt(tok, text: str, raw: bool, questions):
+  """Token ids of the prompt and of each question (question-agnostic), with the chat template unless raw."""
+  if raw or tok.chat_template is None:
+    ctx = tok.encode(text)
+    qs = [tok.encode("\n" + q, add_special_tokens=False) for q in questions or []]
+    return ctx, qs
+  if not questions:
+    return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]),
+                      add_special_tokens=False), []
+  rendered = tok.apply_chat_template([{"role": "user", "content": _PLACEHOLDER}])
+  head, tail = rendered.split(_PLACEHOLDER)
+  ctx = tok.encode(head + text, add_special_tokens=False)
+  qs = [tok.encode("\n\n" + q + tail, add_special_tokens=False) for q in questions]
+  return ctx, qs
+
+
+def cmd_generate(a) -> int:
+  from adakv_jax.checkpoints import load_model
+  from adakv_jax.generation import Sampling, generate
+
+  text = a.prompt if a.prompt is not None else open(a.prompt_file, encoding="utf-8").read()
+  if not text.strip():
+    raise SystemExit("error: the prompt is empty")
+  press = _press_from_args(a)
+  cfg, params, tok = load_model(a.model, dtype=a.dtype)
+  prompt_ids, question_ids = _encode_prompt(tok, text, a.raw, a.question)
+  eos = tuple(tok.eos_token_ids) or cfg.eos_token_ids
+  res = generate(params, cfg, [prompt_ids], max_new_tokens=a.max_new_tokens, press=press,
+                 sampling=Sampling(a.temperature, a.top_p), eos_token_ids=eos,
+                 questions=question_ids or None, return_positions=a.show_positions, backend=a.backend,
+                 seed=a.seed)
+  out = {
+      "model": a.model,
+      "press": a.press,
+      "press_config": dataclasses.asdict(press) if press is not None else None,
+      "text": tok.decode(res.token_ids[0]),
+      "token_ids": res.token_ids[0],
+      "prompt_tokens": res.prompt_tokens[0],
+      "cache_bytes": res.cache_bytes,
+      "full_cache_bytes": res.full_cache_bytes,
+      "live_cache_bytes": res.live_cache_bytes,
+      "padding_overhead": round(res.padding_overhead, 4),
+      "prefill_s": round(res.prefill_s, 4),
+      "decode_tokens_per_s": round(res.decode_tokens_per_s, 3),
+      "notes": res.notes,
+  }
+  if res.budgets is not None:
+    out["budgets"] = res.budgets[:, 0, :].tolist()
+    out["layer_totals"] = res.budgets[:, 0, :].sum(-1).tolist()
+    out["retained_mass"] = [round(float(m), 6) for m in res.retained_mass[:, 0]]
+  if res.positions is not None:
+    out["positions"] = res.positions[:, 0].tolist()
+  if res.answers is not None:
+    out["answers"] = [{"question": q, "text": tok.decode(ans[0]), "token_ids": ans[0]}
+                      for q, ans in zip(a.question, res.answers)]
+  if a.json:
+    print(json.dumps(out))
+    return 0
+  for n in res.notes:
+    print(f"note: {n}", file=sys.stderr)
+  if res.answers is not None:
+    for item in out["answers"]:
+      print(f"Q: {item['question']}\nA: {item['text']}\n")
+  else:
+    print(out["text"])
+  saved = 1 - res.cache_bytes / res.full_cache_bytes
+  print(f"[{res.prompt_tokens[0]} prompt tokens | cache {res.cache_bytes / 2**20:.2f} MiB vs full "
+        f"{res.full_cache_bytes / 2**20:.2f} MiB ({saved:+.1%} saved), padding overhead "
+        f"{res.padding_overhead:.2f}x | prefill {res.prefill_s:.2f}s | {res.decode_tokens_per_s:.1f} tok/s]",
+        file=sys.stderr)
+  return 0
+
+
+def main(argv=None) -> int:
+  from adakv_jax.cache import CacheCapacityError
+
+  a = _parser().parse_args(argv)
+  try:
+    if a.command == "generate":
+      return cmd_generate(a)
+  except (ValueError, OSError, CacheCapacityError) as e:  # our errors carry the explanation
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pallas kernels for Ada-KV, each beside a pure-jnp reference."""

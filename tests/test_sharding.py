@@ -1,0 +1,28 @@
+"""SPMD: the same tokens on a (data, model) mesh of simulated CPU devices as on one device."""
+
+import jax
+import pytest
+
+from adakv_jax import generation as gen
+from adakv_jax import sharding
+from tests.helpers import random_prompts, tiny_model
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_sharded_generation_matches_single_device(backend):
+  cfg, params = tiny_model(num_kv_heads=2, num_heads=4)
+  prompts = random_prompts([21, 9, 14, 30])
+  ref = gen.generate(params, cfg, prompts, max_new_tokens=4, backend="xla")
+  mesh = sharding.make_mesh(data=2, model=2)
+  res = gen.generate(sharding.shard_params(params, mesh), cfg, prompts, max_new_tokens=4, backend=backend,
+                     mesh=mesh)
+  assert res.token_ids == ref.token_ids
+
+
+def test_mesh_that_does_not_divide_is_refused():
+  cfg, params = tiny_model(num_kv_heads=2, num_heads=4)
+  mesh = sharding.make_mesh(data=2, model=4)
+  with pytest.raises(ValueError, match="not divisible by the mesh's model axis"):
+    gen.generate(params, cfg, random_prompts([5, 6]), max_new_tokens=2, mesh=mesh)
