@@ -63,18 +63,3 @@ class KVCache:
           f"{new_tokens} more token(s) were asked for; allocate a larger capacity (max_new_tokens / "
           f"extra_capacity)")
 
-
-def write_chunk(cache_k: jax.Array, cache_v: jax.Array, lengths: jax.Array, k_new: jax.Array,
-                v_new: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Writes a chunk of T new entries per head at each head's own length (one layer).
-
-  cache_k/v: [B, H, C, D]; lengths: [B, H]; k_new/v_new: [B, H, T, D]. Writes that would land past the
-  capacity are dropped, never wrapped: callers check room first (CacheCapacityError).
-  """
-  b, h, t, _ = k_new.shape
-  idx_BHT = lengths[:, :, None] + jnp.arange(t, dtype=jnp.int32)[None, None, :]
-  bi = jnp.arange(b)[:, None, None]
-  hi = jnp.arange(h)[None, :, None]
-  cache_k = cache_k.at[bi, hi, idx_BHT].set(k_new.astype(cache_k.dtype), mode="drop")
-  cache_v = cache_v.at[bi, hi, idx_BHT].set(v_new.astype(cache_v.dtype), mode="drop")
-  return cache_k, cache_v

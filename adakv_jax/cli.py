@@ -44,14 +44,28 @@ def _parser() -> argparse.ArgumentParser:
   c.add_argument("--question", action="append", help="question-agnostic mode: compress the prompt alone, "
                  "then answer each question against the same compressed cache (repeatable)")
   c.add_argument("--show-positions", action="store_true", help="include kept positions in --json")
+  cv = sub.add_parser("convert", help="convert a checkpoint once (orbax) so later runs load it fast")
+  cv.add_argument("--model", required=True, help="smollm2-135m, a HF checkpoint dir or a .gguf file")
+  cv.add_argument("--out", required=True, help="directory to write (then use it as --model)")
+  cv.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  cv.add_argument("--overwrite", action="store_true")
   return p
+
+
+def cmd_convert(a) -> int:
+  from adakv_jax.checkpoints import load_model, save_converted
+
+  cfg, params, tok = load_model(a.model, dtype=a.dtype)
+  path = save_converted(a.out, cfg, params, tok, overwrite=a.overwrite)
+  print(f"wrote {path} ({cfg.architecture}, {cfg.num_layers} layers, {a.dtype}); use --model {path}")
+  return 0
 
 
 def _press_from_args(a):
   from adakv_jax.press import make_press
 
   if a.press not in PRESS_NAMES:
-    raise SystemExit(f"error: unknown press {a.press!r}; choose one of: {', '.join(PRESS_NAMES)}")
+    raise ValueError(f"unknown press {a.press!r}; choose one of: {', '.join(PRESS_NAMES)}")
   overrides = {k: v for k, v in dict(
       budget=a.budget, compression_ratio=a.compression_ratio, window=a.window, kernel=a.kernel,
       pool=a.pool, floor_alpha=a.floor_alpha, floor_mode=a.floor_mode, head_cap_factor=a.head_cap_factor,
@@ -85,7 +99,7 @@ def cmd_generate(a) -> int:
 
   text = a.prompt if a.prompt is not None else open(a.prompt_file, encoding="utf-8").read()
   if not text.strip():
-    raise SystemExit("error: the prompt is empty")
+    raise ValueError("the prompt is empty")
   press = _press_from_args(a)
   cfg, params, tok = load_model(a.model, dtype=a.dtype)
   prompt_ids, question_ids = _encode_prompt(tok, text, a.raw, a.question)
@@ -93,7 +107,7 @@ def cmd_generate(a) -> int:
   res = generate(params, cfg, [prompt_ids], max_new_tokens=a.max_new_tokens, press=press,
                  sampling=Sampling(a.temperature, a.top_p), eos_token_ids=eos,
                  questions=question_ids or None, return_positions=a.show_positions, backend=a.backend,
-                 seed=a.seed)
+                 seed=a.seed, progress=not a.json and sys.stderr.isatty())
   out = {
       "model": a.model,
       "press": a.press,
@@ -143,6 +157,8 @@ def main(argv=None) -> int:
   try:
     if a.command == "generate":
       return cmd_generate(a)
+    if a.command == "convert":
+      return cmd_convert(a)
   except (ValueError, OSError, CacheCapacityError) as e:  # our errors carry the explanation
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -68,7 +68,7 @@ class GenerationResult:
   live_cache_bytes: int  # bytes of live (kept) K/V entries right after prefill
   prefill_s: float
   decode_s: float
-  decode_tokens_per_s: float
+  decode_tokens_per_s: float  # steady state: the first (compiling) decode step is not counted
   budgets: np.ndarray | None = None  # [layers, batch, heads] live entries per head after prefill
   retained_mass: np.ndarray | None = None  # [layers, batch]
   positions: np.ndarray | None = None  # [layers, batch, heads, capacity], -1 = padding
@@ -93,26 +93,35 @@ def full_cache_bytes(cfg: ModelConfig, batch: int, tokens: int) -> int:
   return 2 * cfg.num_layers * batch * cfg.num_kv_heads * tokens * cfg.head_dim * itemsize
 
 
-def _decode(params, cfg, first_B, cache, key, steps, sampling, eos, backend, stats):
+def _decode(params, cfg, first_B, cache, key, steps, sampling, eos, backend, stats, progress=False):
   """Greedy/sampled continuation from `first_B` for up to `steps` tokens in total (first included)."""
+  from tqdm.auto import tqdm
+
   b = first_B.shape[0]
+  bar = tqdm(total=steps, desc="decode", unit="tok", disable=not progress, leave=False)
+  bar.update(1)
   out = [[int(t)] for t in np.asarray(first_B)]
   done = np.array([t in eos for t in np.asarray(first_B)])
   tok = first_B
-  t0 = time.perf_counter()
-  n = 0
+  t0, n = None, 0  # the clock starts after the first step, which may include compilation
   for _ in range(steps - 1):
     if done.all():
       break
     key, sub = jax.random.split(key)
     tok, _, cache = decode_step(params, tok, cache, sub, cfg=cfg, sampling=sampling, backend=backend)
     host = np.asarray(tok)  # syncs: the step is done
-    n += 1
+    if t0 is None:
+      t0 = time.perf_counter()
+    else:
+      n += 1
+    bar.update(1)
     for i in range(b):
       if not done[i]:
         out[i].append(int(host[i]))
         done[i] = int(host[i]) in eos
-  stats["decode_s"] = stats.get("decode_s", 0.0) + time.perf_counter() - t0
+  bar.close()
+  if t0 is not None:
+    stats["decode_s"] = stats.get("decode_s", 0.0) + time.perf_counter() - t0
   stats["decode_steps"] = stats.get("decode_steps", 0) + n * b
   return out, cache
 
@@ -120,7 +129,7 @@ def _decode(params, cfg, first_B, cache, key, steps, sampling, eos, backend, sta
 def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
              press=None, sampling: Sampling = Sampling(), eos_token_ids: Sequence[int] | None = None,
              questions: Sequence[Sequence[int]] | None = None, return_positions: bool = False,
-             backend: str = "auto", seed: int = 0, mesh=None) -> GenerationResult:
+             backend: str = "auto", seed: int = 0, mesh=None, progress: bool = False) -> GenerationResult:
   """Runs a batch of prompts (any lengths) with an optional press.
 
   questions=None: question-aware (whatever question there is sits at the end of each prompt).
@@ -137,14 +146,14 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
     with jax.set_mesh(mesh):
       return _generate(params, cfg, prompts, max_new_tokens=max_new_tokens, press=press, sampling=sampling,
                        eos_token_ids=eos_token_ids, questions=questions, return_positions=return_positions,
-                       backend=backend, seed=seed, mesh=mesh)
+                       backend=backend, seed=seed, mesh=mesh, progress=progress)
   return _generate(params, cfg, prompts, max_new_tokens=max_new_tokens, press=press, sampling=sampling,
                    eos_token_ids=eos_token_ids, questions=questions, return_positions=return_positions,
-                   backend=backend, seed=seed, mesh=None)
+                   backend=backend, seed=seed, mesh=None, progress=progress)
 
 
 def _generate(params, cfg, prompts, *, max_new_tokens, press, sampling, eos_token_ids, questions,
-              return_positions, backend, seed, mesh) -> GenerationResult:
+              return_positions, backend, seed, mesh, progress) -> GenerationResult:
   if not prompts or any(len(p) == 0 for p in prompts):
     raise PromptError("empty prompt: every prompt needs at least one token")
   if max_new_tokens < 1:
@@ -195,7 +204,8 @@ def _generate(params, cfg, prompts, *, max_new_tokens, press, sampling, eos_toke
   if questions is None:
     key, sub = jax.random.split(key)
     first = sample(logits, sub, sampling)
-    out, cache = _decode(params, cfg, first, cache, key, max_new_tokens, sampling, eos, backend, stats)
+    out, cache = _decode(params, cfg, first, cache, key, max_new_tokens, sampling, eos, backend, stats,
+                         progress)
   else:
     saved_len, saved_pos = np.asarray(cache.lengths), np.asarray(cache.pos)
     answers = []
@@ -207,7 +217,8 @@ def _generate(params, cfg, prompts, *, max_new_tokens, press, sampling, eos_toke
                                        cfg=cfg, backend=backend)
       key, sub = jax.random.split(key)
       first = sample(logits, sub, sampling)
-      ans, cache = _decode(params, cfg, first, cache, key, max_new_tokens, sampling, eos, backend, stats)
+      ans, cache = _decode(params, cfg, first, cache, key, max_new_tokens, sampling, eos, backend, stats,
+                         progress)
       answers.append(ans)
     out = answers[0]
 

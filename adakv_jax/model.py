@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from adakv_jax.cache import KVCache, write_chunk
+from adakv_jax.cache import CacheCapacityError, KVCache
 from adakv_jax.config import ModelConfig, rope_frequencies
 
 Params = dict[str, Any]
@@ -204,6 +204,20 @@ def cache_attention(q_BKGTD, k_BKCD, v_BKCD, kv_len_BK, backend: str):
   return fn(q_BKGTD, k_BKCD, v_BKCD, kv_len_BK)
 
 
+def _raise_capacity(longest, capacity, t):
+  raise CacheCapacityError(
+      f"KV cache capacity exhausted: a head holds {int(longest)} of {int(capacity)} entries and {int(t)} "
+      "more token(s) were appended; allocate a larger capacity (max_new_tokens / extra capacity)")
+
+
+def _guard_capacity(cache: KVCache, t: int) -> None:
+  """Fails the step, loudly, instead of dropping writes past the capacity (the host is only called when
+  it happens)."""
+  longest = jnp.max(cache.lengths)
+  over = longest + t > cache.capacity
+  lax.cond(over, lambda: jax.debug.callback(_raise_capacity, longest, cache.capacity, t), lambda: None)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "backend", "all_logits"), donate_argnames=("cache",))
 def append(params: Params, tokens_BT: jax.Array, n_valid_B: jax.Array, cache: KVCache, *,
            cfg: ModelConfig, backend: str = "auto", all_logits: bool = False):
@@ -215,6 +229,7 @@ def append(params: Params, tokens_BT: jax.Array, n_valid_B: jax.Array, cache: KV
   """
   b, t = tokens_BT.shape
   hc = cache.num_heads
+  _guard_capacity(cache, t)
   pos_BT = cache.pos[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
   x = params["embed"][tokens_BT].astype(dtype_of(cfg))
   bi = jnp.arange(b)[:, None, None]

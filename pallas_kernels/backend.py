@@ -8,8 +8,10 @@ CPU, where Pallas only runs in the (slow) interpreter. Every kernel still runs o
 from __future__ import annotations
 
 import jax
+from jax.experimental.pallas import tpu as pltpu
 
 BACKENDS = ("auto", "xla", "pallas")
+LOWERINGS = ("tpu", "triton")
 
 
 def platform() -> str:
@@ -31,14 +33,36 @@ def default_interpret() -> bool:
   return platform() not in ("tpu", "gpu")
 
 
-def resolve_interpret(interpret: bool | None) -> bool:
-  return default_interpret() if interpret is None else bool(interpret)
+def resolve_interpret(interpret, lowering: str):
+  """What to pass as pallas_call(interpret=...): None -> default_interpret(); True -> for the TPU-style
+  kernels, JAX's TPU interpreter (pltpu.InterpretParams: simulated DMAs and SMEM/VMEM, NaN-filled
+  uninitialised memory, out-of-bounds reads raise; it also runs inside shard_map with check_vma=True,
+  where the generic interpreter cannot evaluate an index map that reads a scalar-prefetched array).
+  Any other value (False, an InterpretParams object) passes through."""
+  interpret = default_interpret() if interpret is None else interpret
+  if interpret is True and lowering == "tpu":
+    return pltpu.InterpretParams()
+  return interpret
 
 
-def default_lowering() -> str:
-  """Which Pallas lowering to use: 'triton' on GPU, else the TPU-style (Mosaic) kernel.
+def resolve_lowering(lowering: str | None) -> str:
+  """Which Pallas lowering to use: None -> 'triton' on GPU, else the TPU-style (Mosaic) kernel.
 
   On CPU the TPU-style kernel is the one interpreted, since its scalar prefetch and clamped index maps
   are what keep skipped blocks from being fetched on TPU; the Triton variant interprets as well.
   """
-  return "triton" if platform() == "gpu" else "tpu"
+  if lowering is None:
+    return "triton" if platform() == "gpu" else "tpu"
+  if lowering not in LOWERINGS:
+    raise ValueError(f"unknown lowering {lowering!r}; expected one of {', '.join(LOWERINGS)}")
+  return lowering
+
+
+def varying_axes(*xs: jax.Array) -> jax.sharding.ManualAxisType:
+  """The mesh axes a kernel's outputs vary over: the union of its inputs'.
+
+  Inside `jax.shard_map` (check_vma=True by default) pallas_call needs every out_shape to say this;
+  outside shard_map the set is empty and changes nothing.
+  """
+  varying = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in xs))
+  return jax.sharding.ManualAxisType(varying=varying)

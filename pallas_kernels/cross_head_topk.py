@@ -152,11 +152,12 @@ def _topk_tpu(key_BHN, total_B, floor_B, cap, interpret):
   b, h, n = key_BHN.shape
   sq = pl.squeezed
   spec = pl.BlockSpec((sq, h, n), lambda b_, *_: (b_, 0, 0))
+  mat = backend_lib.varying_axes(key_BHN, total_B, floor_B)
   return pl.pallas_call(
       functools.partial(_topk_kernel_tpu, cap=cap),
       grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=2, grid=(b,), in_specs=[spec],
                                              out_specs=spec),
-      out_shape=jax.ShapeDtypeStruct((b, h, n), jnp.int32),
+      out_shape=jax.ShapeDtypeStruct((b, h, n), jnp.int32, manual_axis_type=mat),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
       interpret=interpret,
       name="cross_head_topk_tpu",
@@ -172,17 +173,28 @@ def _topk_triton(key_BHN, total_B, floor_B, cap, interpret):
   sq = pl.squeezed
   spec = pl.BlockSpec((sq, hp, np_), lambda b_: (b_, 0, 0))
   scalar = pl.BlockSpec((sq,), lambda b_: (b_,))
+  mat = backend_lib.varying_axes(key_BHN, total_B, floor_B)
   keep = pl.pallas_call(
       functools.partial(_topk_kernel_triton, cap=cap),
       grid=(b,),
       in_specs=[scalar, scalar, spec],
       out_specs=spec,
-      out_shape=jax.ShapeDtypeStruct((b, hp, np_), jnp.int32),
+      out_shape=jax.ShapeDtypeStruct((b, hp, np_), jnp.int32, manual_axis_type=mat),
       compiler_params=pltriton.CompilerParams(num_warps=4),
       interpret=interpret,
       name="cross_head_topk_triton",
   )(total_B, floor_B, key_BHN)
   return keep[:, :h, :n]
+
+
+# Largest H * N (N rounded up to a power of two) that `auto` sends to the kernel: a TPU program holds
+# the sequence in VMEM (a few int32 copies of [H, N] in ~16 MiB); the Triton program keeps it in
+# registers. Explicit backend="pallas" is honoured regardless.
+AUTO_ON_CHIP_LIMIT = {"tpu": 1 << 20, "triton": 1 << 14}
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(int(n) - 1, 0).bit_length()
 
 
 def cross_head_topk(scores_BHN: jax.Array, total_B: jax.Array, floor_B: jax.Array, cap: int, *,
@@ -198,11 +210,11 @@ def cross_head_topk(scores_BHN: jax.Array, total_B: jax.Array, floor_B: jax.Arra
   b, h, n = scores_BHN.shape
   # A scalar total / floor applies to every sequence (the reference itself wants [B]).
   total_B, floor_B = (jnp.broadcast_to(x, (b,)) if jnp.ndim(x) == 0 else x for x in (total_B, floor_B))
-  if backend_lib.resolve_backend(backend) == "xla":
+  lowering = backend_lib.resolve_lowering(lowering)
+  too_big = h * _next_pow2(n) > AUTO_ON_CHIP_LIMIT[lowering]
+  if backend_lib.resolve_backend(backend) == "xla" or (backend == "auto" and too_big):
+    # auto: a sequence that does not fit on chip goes to the XLA reference rather than failing to compile
     return cross_head_topk_reference(scores_BHN, total_B, floor_B, cap)
-  lowering = lowering or backend_lib.default_lowering()
-  if lowering not in ("tpu", "triton"):
-    raise ValueError(f"unknown lowering {lowering!r}; expected 'tpu' or 'triton'")
   if n * h >= 2**31:
     raise ValueError(f"H * N = {h * n} does not fit the int32 tie-break order")
   cap = int(min(cap, n))
@@ -210,5 +222,5 @@ def cross_head_topk(scores_BHN: jax.Array, total_B: jax.Array, floor_B: jax.Arra
   floor_B = jnp.asarray(floor_B, jnp.int32).reshape(b)
   impl = _topk_tpu if lowering == "tpu" else _topk_triton
   keep_BHN = impl(_sortable_key(scores_BHN), total_B, floor_B, cap,
-                  backend_lib.resolve_interpret(interpret)) > 0
+                  backend_lib.resolve_interpret(interpret, lowering)) > 0
   return keep_BHN, jnp.sum(keep_BHN, axis=-1, dtype=jnp.int32)

@@ -16,8 +16,12 @@ range is reduced with an online softmax, the partial results merge by log-sum-ex
   is already resident and the pipeline fetches nothing new; `pl.when` skips its compute. m/l/acc live
   in VMEM scratch across the block axis.
 - "triton" (GPU): grid (B, K, splits); each program runs a `fori_loop` whose trip count comes from the
-  head's length, so dead blocks cost neither loads nor loop iterations. Untested on a GPU here (no GPU
-  in the session that wrote it); its interpret-mode run on CPU checks the algorithm and indexing only.
+  head's length, so dead blocks cost neither loads nor loop iterations. Never run on a GPU so far (none
+  in the session that wrote it): on CPU the tests run it in the interpreter (algorithm and indexing) and
+  lower it to Triton IR (supported ops and shapes); compiling that IR needs a GPU.
+
+Both lowerings also lower to MLIR on CPU (tests/kernels: test_kernel_lowers_for_device); Mosaic's own
+compile passes run only on a TPU.
 
 A chunk of T query tokens (the question appended after compression) uses the same kernels: the T
 queries fold into the row axis next to G, and row t sees cache entries j < kv_len - T + 1 + t.
@@ -40,7 +44,6 @@ from pallas_kernels import backend as backend_lib
 # Finite start for the running max: a row with nothing visible yet keeps m = _M_INIT, and
 # exp(-inf - _M_INIT) = 0, so fully masked blocks add nothing and never produce NaN.
 _M_INIT = -1e30
-_LOWERINGS = ("tpu", "triton")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -92,7 +95,7 @@ def ragged_decode_attention_reference(q_BKGD: jax.Array, k_BKCD: jax.Array, v_BK
 # Shared pieces of the two kernels.
 
 
-def _online_softmax_step(q_RD, k_ND, v_ND, live_N, visible_RN, m_R1, l_R1, acc_RD, sm_scale):
+def _online_softmax_step(q_RD, k_ND, v_ND, live_N1, visible_RN, m_R1, l_R1, acc_RD, sm_scale):
   """One block of flash attention: returns the updated (m, l, acc), all float32.
 
   live/visible say which of the N block entries exist and which rows may see them; v rows that do not
@@ -105,7 +108,7 @@ def _online_softmax_step(q_RD, k_ND, v_ND, live_N, visible_RN, m_R1, l_R1, acc_R
   alpha = jnp.exp(m_R1 - m_new)
   p_RN = jnp.exp(s_RN - m_new)
   l_new = alpha * l_R1 + jnp.sum(p_RN, axis=1, keepdims=True)
-  v_ND = jnp.where(live_N[:, None], v_ND, jnp.zeros_like(v_ND))
+  v_ND = jnp.where(live_N1, v_ND, jnp.zeros_like(v_ND))
   pv_RD = lax.dot_general(p_RN.astype(v_ND.dtype), v_ND, (((1,), (0,)), ((), ())),
                           preferred_element_type=jnp.float32)
   return m_new, l_new, alpha * acc_RD + pv_RD
@@ -129,9 +132,16 @@ def _merge_splits(o_BKSRD: jax.Array, lse_BKSR1: jax.Array) -> jax.Array:
   return jnp.sum(w * o_BKSRD, axis=2) / jnp.where(den > 0, den, 1.0)
 
 
-def _row_offsets(rows: int, chunk: int) -> jax.Array:
+def _row_offsets_R1(rows: int, chunk: int) -> jax.Array:
   """Rows are (g, t) flattened with t minor: row r sees kv_len - (chunk - 1) + r % chunk entries."""
-  return jnp.arange(rows, dtype=jnp.int32) % chunk - (chunk - 1)
+  if chunk == 1:
+    return jnp.zeros((rows, 1), jnp.int32)
+  return lax.broadcasted_iota(jnp.int32, (rows, 1), 0) % chunk - (chunk - 1)
+
+
+def _iota(shape, dim):
+  """2-D iotas only: TPU vregs are 2-D, and Mosaic handles 1-D vectors poorly."""
+  return lax.broadcasted_iota(jnp.int32, shape, dim)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -151,7 +161,7 @@ def kv_block_index(length, split, step, blocks_per_split: int, block_size: int):
 def _tpu_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, sm_scale,
                 block_size, blocks_per_split, chunk):
   b, h, s, j = (pl.program_id(i) for i in range(4))
-  length = len_ref[b, h]
+  length = len_ref[b * pl.num_programs(1) + h]  # 1-D in SMEM: a 2-D SMEM array pads each row
   start = (s * blocks_per_split + j) * block_size
 
   @pl.when(j == 0)
@@ -163,9 +173,9 @@ def _tpu_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc
   @pl.when(start < length)
   def _compute():
     rows = q_ref.shape[0]
-    pos_N = start + lax.broadcasted_iota(jnp.int32, (block_size,), 0)
-    visible_RN = pos_N[None, :] < length + _row_offsets(rows, chunk)[:, None]
-    m, l, acc = _online_softmax_step(q_ref[...], k_ref[...], v_ref[...], pos_N < length, visible_RN,
+    visible_RN = start + _iota((1, block_size), 1) < length + _row_offsets_R1(rows, chunk)
+    live_N1 = start + _iota((block_size, 1), 0) < length
+    m, l, acc = _online_softmax_step(q_ref[...], k_ref[...], v_ref[...], live_N1, visible_RN,
                                      m_sc[...], l_sc[...], acc_sc[...], sm_scale)
     m_sc[...] = m
     l_sc[...] = l
@@ -186,7 +196,7 @@ def _attention_tpu(q_BKRD, k_BKCD, v_BKCD, len_BK, *, chunk, sm_scale, block_siz
   bps = pl.cdiv(num_blocks, num_splits)
 
   def kv_index(b_, h_, s_, j_, len_ref):
-    return b_, h_, kv_block_index(len_ref[b_, h_], s_, j_, bps, block_size), 0
+    return b_, h_, kv_block_index(len_ref[b_ * kh + h_], s_, j_, bps, block_size), 0
 
   sq = pl.squeezed
   kernel = functools.partial(_tpu_kernel, sm_scale=sm_scale, block_size=block_size,
@@ -209,18 +219,19 @@ def _attention_tpu(q_BKRD, k_BKCD, v_BKCD, len_BK, *, chunk, sm_scale, block_siz
           pltpu.VMEM((rows, d), jnp.float32),
       ],
   )
+  mat = backend_lib.varying_axes(q_BKRD, k_BKCD, v_BKCD, len_BK)
   o, lse = pl.pallas_call(
       kernel,
       grid_spec=grid_spec,
       out_shape=[
-          jax.ShapeDtypeStruct((b, kh, num_splits, rows, d), jnp.float32),
-          jax.ShapeDtypeStruct((b, kh, num_splits, rows, 1), jnp.float32),
+          jax.ShapeDtypeStruct((b, kh, num_splits, rows, d), jnp.float32, manual_axis_type=mat),
+          jax.ShapeDtypeStruct((b, kh, num_splits, rows, 1), jnp.float32, manual_axis_type=mat),
       ],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=interpret,
       name="ragged_decode_attention_tpu",
-  )(len_BK, q_BKRD, k_BKCD, v_BKCD)
+  )(len_BK.reshape(b * kh), q_BKRD, k_BKCD, v_BKCD)
   return _merge_splits(o, lse)
 
 
@@ -239,8 +250,7 @@ def _triton_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sm_scale, bl
   first = s * per_split
   last = jnp.minimum(first + per_split, nb)
   q = q_ref[...]
-  off_R1 = _row_offsets(rows, chunk)[:, None]
-  iota_N = jnp.arange(block_size, dtype=jnp.int32)
+  off_R1 = _row_offsets_R1(rows, chunk)
 
   def body(i, carry):
     m, l, acc = carry
@@ -248,12 +258,13 @@ def _triton_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sm_scale, bl
     # A ragged last block is read as the final full block of the array; entries before `nominal`
     # belong to the previous block and are masked out (no out-of-bounds reads, no masked loads).
     start = jnp.minimum(nominal, capacity - block_size)
-    pos_N = start + iota_N
-    live_N = (pos_N >= nominal) & (pos_N < length)
-    visible_RN = live_N[None, :] & (pos_N[None, :] < length + off_R1)
+    pos_1N = start + _iota((1, block_size), 1)
+    visible_RN = (pos_1N >= nominal) & (pos_1N < length + off_R1)
+    pos_N1 = start + _iota((block_size, 1), 0)
+    live_N1 = (pos_N1 >= nominal) & (pos_N1 < length)
     k = k_ref[pl.ds(start, block_size), :]
     v = v_ref[pl.ds(start, block_size), :]
-    return _online_softmax_step(q, k, v, live_N, visible_RN, m, l, acc, sm_scale)
+    return _online_softmax_step(q, k, v, live_N1, visible_RN, m, l, acc, sm_scale)
 
   init = (jnp.full((rows, 1), _M_INIT, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
           jnp.zeros((rows, d), jnp.float32))
@@ -273,6 +284,7 @@ def _attention_triton(q_BKRD, k_BKCD, v_BKCD, len_BK, *, chunk, sm_scale, block_
   kernel = functools.partial(_triton_kernel, sm_scale=sm_scale, block_size=block_size,
                              num_splits=num_splits, chunk=chunk, capacity=cap)
   sq = pl.squeezed
+  mat = backend_lib.varying_axes(q_BKRD, k_BKCD, v_BKCD, len_BK)
   o, lse = pl.pallas_call(
       kernel,
       grid=(b, kh, num_splits),
@@ -287,8 +299,8 @@ def _attention_triton(q_BKRD, k_BKCD, v_BKCD, len_BK, *, chunk, sm_scale, block_
           pl.BlockSpec((sq, sq, sq, rows_p, 1), lambda b_, h_, s_: (b_, h_, s_, 0, 0)),
       ],
       out_shape=[
-          jax.ShapeDtypeStruct((b, kh, num_splits, rows_p, d), jnp.float32),
-          jax.ShapeDtypeStruct((b, kh, num_splits, rows_p, 1), jnp.float32),
+          jax.ShapeDtypeStruct((b, kh, num_splits, rows_p, d), jnp.float32, manual_axis_type=mat),
+          jax.ShapeDtypeStruct((b, kh, num_splits, rows_p, 1), jnp.float32, manual_axis_type=mat),
       ],
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
       interpret=interpret,
@@ -334,9 +346,7 @@ def ragged_chunk_attention(q_BKGTD: jax.Array, k_BKCD: jax.Array, v_BKCD: jax.Ar
   if backend_lib.resolve_backend(backend) == "xla":
     return ragged_chunk_attention_reference(q_BKGTD, k_BKCD, v_BKCD, kv_len_BK, sm_scale=sm_scale)
 
-  lowering = lowering or backend_lib.default_lowering()
-  if lowering not in _LOWERINGS:
-    raise ValueError(f"unknown lowering {lowering!r}; expected one of {', '.join(_LOWERINGS)}")
+  lowering = backend_lib.resolve_lowering(lowering)
   cap = k_BKCD.shape[2]
   block_size = block_size or _default_block_size(cap, lowering)
   if not 0 < block_size <= cap:
@@ -353,7 +363,7 @@ def ragged_chunk_attention(q_BKGTD: jax.Array, k_BKCD: jax.Array, v_BKCD: jax.Ar
   o_BKRD = impl(q_BKGTD.reshape(b, kh, g * chunk, d), k_BKCD, v_BKCD, len_BK, chunk=chunk,
                 sm_scale=1.0 / math.sqrt(d) if sm_scale is None else sm_scale,
                 block_size=block_size, num_splits=num_splits,
-                interpret=backend_lib.resolve_interpret(interpret))
+                interpret=backend_lib.resolve_interpret(interpret, lowering))
   return o_BKRD.reshape(b, kh, g, chunk, d).astype(q_BKGTD.dtype)
 
 

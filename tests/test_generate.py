@@ -80,3 +80,15 @@ def test_cache_refuses_to_overflow():
   cache.check_room(2)
   with pytest.raises(CacheCapacityError, match="capacity exhausted"):
     cache.check_room(3)
+
+
+def test_decoding_past_the_capacity_fails_loudly():
+  cfg, params = tiny_model()
+  from adakv_jax import model as model_lib
+  _, cache, _ = model_lib.prefill(params, jnp.asarray(random_prompts([16])), jnp.asarray([16]),
+                                  jax.random.PRNGKey(0), cfg=cfg, capacity=17, chunk=16)
+  tok = jnp.asarray([3])
+  tok, _, cache = gen.decode_step(params, tok, cache, jax.random.PRNGKey(1), cfg=cfg, sampling=gen.Sampling())
+  with pytest.raises(Exception, match="capacity exhausted"):
+    out = gen.decode_step(params, tok, cache, jax.random.PRNGKey(2), cfg=cfg, sampling=gen.Sampling())
+    jax.block_until_ready(out)

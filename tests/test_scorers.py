@@ -104,7 +104,7 @@ def test_knorm_is_negative_key_norm_and_random_follows_rng():
 
 
 def test_pooling_sees_only_the_prefix_and_masks_the_rest():
-  raw = np.array([[[0., 5., 0., 0., 0., 0., 9., 9.]]], np.float32)  # 9s sit in the window
+  raw = np.array([[[0., 5., 0., 0., 0., 9., 9., 9.]]], np.float32)  # 9s sit in the window
   prefix = jnp.arange(8)[None, :] < 5
   mx = np.asarray(scorers.finish_scores(jnp.asarray(raw), prefix, Press(window=W, budget=W, kernel=3)))
   np.testing.assert_array_equal(mx[0, 0], [5, 5, 5, 0, 0, -np.inf, -np.inf, -np.inf])
@@ -113,3 +113,5 @@ def test_pooling_sees_only_the_prefix_and_masks_the_rest():
   np.testing.assert_allclose(av[0, 0, :5], [5 / 3, 5 / 3, 5 / 3, 0, 0])  # zero padding counts in the divisor
   none = np.asarray(scorers.finish_scores(jnp.asarray(raw), prefix, Press(window=W, budget=W, kernel=1)))
   np.testing.assert_array_equal(none[0, 0], [0, 5, 0, 0, 0, -np.inf, -np.inf, -np.inf])
+  wide = np.asarray(scorers.finish_scores(jnp.asarray(raw), prefix, Press(window=W, budget=W, kernel=7)))
+  np.testing.assert_array_equal(wide[0, 0, :5], [5, 5, 5, 5, 5])  # kernel 7 still stops at the prefix end

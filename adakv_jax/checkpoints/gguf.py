@@ -61,9 +61,25 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-def _open_reader(path: Path):
+def _reader_class():
   import gguf
 
+  class PlainArrayReader(gguf.GGUFReader):
+    """GGUFReader over a plain-ndarray view of its memmap: numpy.memmap's per-slice hooks make parsing the
+    ~100k metadata strings of a real vocabulary ~3x slower. Same bytes, same zero-copy mapping."""
+
+    @property
+    def data(self):
+      return self._plain
+
+    @data.setter
+    def data(self, value):
+      self._plain = value.view(np.ndarray)
+
+  return PlainArrayReader
+
+
+def _open_reader(path: Path):
   if not path.exists():
     raise CheckpointError(f"GGUF file {str(path)!r} does not exist")
   if not path.is_file():
@@ -75,7 +91,7 @@ def _open_reader(path: Path):
     what = "is empty" if size == 0 else f"starts with {magic!r}, not {GGUF_MAGIC!r}"
     raise CheckpointError(f"{str(path)!r} is not a GGUF file: it {what}")
   try:
-    reader = gguf.GGUFReader(path)
+    reader = _reader_class()(path)
   except Exception as e:  # gguf-py fails with reshape/index errors deep inside on a cut-short file
     raise CheckpointError(
         f"GGUF file {str(path)!r} ({size} bytes) is truncated or corrupted: {type(e).__name__}: {e}") from None
@@ -166,7 +182,7 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelCon
   def fetch(name: str) -> np.ndarray:
     t = tensors[by_hf[name]]
     try:
-      w = gguf.quants.dequantize(np.asarray(t.data).view(np.ndarray), t.tensor_type)  # memmap subclass is slow
+      w = gguf.quants.dequantize(t.data, t.tensor_type)
     except Exception as e:
       raise CheckpointError(f"{path}: cannot dequantise {t.name!r} ({t.tensor_type.name}): {e}") from None
     if permuted and tuple(w.shape) == expected.get(name):  # mismatches are reported by the shape check

@@ -136,3 +136,34 @@ def params_from_hf(cfg: ModelConfig, fetch: Callable[[str], np.ndarray], availab
   if not cfg.tie_word_embeddings:
     params["lm_head"] = jnp.asarray(np.ascontiguousarray(get("lm_head.weight", True), dtype=np_dt))
   return params
+
+
+def expected_param_shapes(cfg: ModelConfig) -> dict:
+  """The params pytree's shapes (our layout) for `cfg`; the contract between loaders and the model."""
+  d, f, v, l = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
+  hq, hk = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  layers = {"attn_norm": (l, d), "wq": (l, d, hq), "wk": (l, d, hk), "wv": (l, d, hk), "wo": (l, hq, d),
+            "mlp_norm": (l, d), "w_gate": (l, d, f), "w_up": (l, d, f), "w_down": (l, f, d)}
+  if cfg.attention_bias:
+    layers.update(bq=(l, hq), bk=(l, hk), bv=(l, hk))
+  shapes = {"embed": (v, d), "layers": layers, "final_norm": (d,)}
+  if not cfg.tie_word_embeddings:
+    shapes["lm_head"] = (d, v)
+  return shapes
+
+
+def check_params(cfg: ModelConfig, params, source: str) -> None:
+  """Raises CheckpointError unless `params` has exactly the keys and shapes `cfg` implies."""
+  import jax
+
+  want = expected_param_shapes(cfg)
+  flat_want = {jax.tree_util.keystr(k): s for k, s in
+               jax.tree_util.tree_flatten_with_path(want, is_leaf=lambda x: isinstance(x, tuple))[0]}
+  flat_have = {jax.tree_util.keystr(k): tuple(x.shape) for k, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  missing, extra = sorted(set(flat_want) - set(flat_have)), sorted(set(flat_have) - set(flat_want))
+  if missing or extra:
+    raise CheckpointError(f"{source}: params do not match the config: missing {missing or 'none'}, "
+                          f"unexpected {extra or 'none'}")
+  for k, s in flat_want.items():
+    if flat_have[k] != s:
+      raise CheckpointError(f"{source}: params{k} has shape {flat_have[k]}, expected {s}")

@@ -59,7 +59,7 @@ CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 @functools.lru_cache(maxsize=1)
 def bytes_to_unicode() -> dict[int, str]:
   """GPT-2's reversible byte -> printable character table."""
-  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+  bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
   cs = bs[:]
   n = 0
   for b in range(256):

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from adakv_jax.press import allocation, schedules, scorers
+from pallas_kernels.backend import BACKENDS
 
 SCORER_NAMES = tuple(scorers.SCORERS)
 ALLOCATIONS = ("uniform", "adaptive")
@@ -28,7 +29,6 @@ FLOOR_MODES = ("reserve", "mix")
 POOLS = ("max", "avg")
 GQA_MODES = ("kv", "query")
 GQA_REDUCES = ("mean", "max")
-BACKENDS = ("auto", "xla", "pallas")
 
 
 def _fraction(x: float) -> Fraction:
@@ -125,12 +125,16 @@ class Press:
     return max(_floor_mul(int(prompt_len), _fraction(1.0 - self.compression_ratio)) - self.window, 0)
 
   def head_cap(self, num_layers: int, max_prompt_len: int) -> int:
-    """Static per-head maximum of selected (non-window) entries: the largest layer's B' for uniform,
-    ceil(head_cap_factor * that) for adaptive; never more than the longest prefix."""
-    bp_max = schedules.max_selectable(self.schedule, self.selectable(max_prompt_len), num_layers,
-                                      self.pyramid_beta)
+    """Static per-head maximum of selected (non-window) entries, never more than the longest prefix.
+
+    Uniform needs the largest layer's B'. Adaptive may go to ceil(head_cap_factor * B') of the MEAN B',
+    but never below the largest layer's B' (a pyramid's bottom layer is ~2B'): the padded cache is one
+    size for all layers, so a cap tied to the largest layer would double every layer's padding.
+    """
+    bp = self.selectable(max_prompt_len)
+    bp_max = schedules.max_selectable(self.schedule, bp, num_layers, self.pyramid_beta)
     if self.allocation == "adaptive":
-      bp_max = int(-((-bp_max * _fraction(self.head_cap_factor)) // 1))
+      bp_max = max(bp_max, int(-((-bp * _fraction(self.head_cap_factor)) // 1)))
     return max(min(bp_max, max_prompt_len - self.window), 0)
 
   def capacity(self, num_layers: int, max_prompt_len: int, extra: int) -> int:
@@ -141,14 +145,19 @@ class Press:
   # ---- budgets -----------------------------------------------------------------------------------
 
   def layer_budgets(self, num_layers: int, prompt_len_B: jax.Array) -> jax.Array:
-    """Per-head average budget INCLUDING the window, int32 [num_layers, B]; works on traced lengths."""
+    """Per-head average budget INCLUDING the window, int32 [num_layers, B]; works on traced lengths.
+
+    Sums over layers to num_layers * B per sequence. A prompt within its budget (len <= B) gets B in
+    every layer, pyramid or not, so it is kept whole ("nothing to evict").
+    """
     len_B = jnp.asarray(prompt_len_B, jnp.int32).reshape(-1)
     if self.budget is not None:
       bp_B = jnp.full_like(len_B, self.budget - self.window)
     else:
       kept_B = _floor_mul(len_B, _fraction(1.0 - self.compression_ratio))
       bp_B = jnp.maximum(kept_B - self.window, 0)
-    sel_NB = schedules.layer_selectable(self.schedule, bp_B, num_layers, self.pyramid_beta)
+    prefix_B = jnp.maximum(len_B - self.window, 0)
+    sel_NB = schedules.layer_selectable(self.schedule, bp_B, num_layers, self.pyramid_beta, prefix_B)
     return (sel_NB + self.window).astype(jnp.int32)
 
   def check_prompt(self, prompt_lens: list[int]) -> list[str]:
@@ -170,10 +179,6 @@ class Press:
       if self.budget is not None:
         if n <= self.budget:
           notes.append(f"prompt {i}: prompt of {n} tokens <= budget {self.budget}: nothing to evict")
-        elif self.schedule == "pyramid" and n - self.window <= schedules.max_selectable(
-            "pyramid", self.budget - self.window, 2, self.pyramid_beta):
-          notes.append(f"prompt {i}: {n} tokens fit the budget of the lowest pyramid layers: "
-                       "those layers keep everything")
       else:
         kept = _floor_mul(n, _fraction(1.0 - self.compression_ratio))
         if kept < self.window:

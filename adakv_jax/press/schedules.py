@@ -19,9 +19,13 @@ def flat(selectable_B: jax.Array, num_layers: int) -> jax.Array:
   return jnp.broadcast_to(bp_B[None, :], (num_layers, bp_B.shape[0]))
 
 
-def pyramid(selectable_B: jax.Array, num_layers: int, beta: int) -> jax.Array:
+def pyramid(selectable_B: jax.Array, num_layers: int, beta: int,
+            prefix_B: jax.Array | None = None) -> jax.Array:
   """Linear from max = 2B' - min at layer 0 down to min = B' // beta at the last layer.
 
+  With prefix_B (evictable entries per head, len - w), a max above the prefix is clipped to it and min
+  raised to 2B' - max, as PyramidKV does: lower layers cannot use more than the whole prefix, so the
+  budget they would waste goes to the upper layers instead. A prefix within B' gives a flat schedule.
   The real-valued line sums to exactly num_layers * B' (max + min = 2B'); its values are floored in
   exact integer arithmetic and the rounding remainder goes, one each, to the layers with the largest
   fractional parts (ties: lower layer first), so the integer sum is exact too.
@@ -32,6 +36,9 @@ def pyramid(selectable_B: jax.Array, num_layers: int, beta: int) -> jax.Array:
   n1 = num_layers - 1
   lo_B = bp_B // beta
   hi_B = 2 * bp_B - lo_B
+  if prefix_B is not None:
+    hi_B = jnp.minimum(hi_B, jnp.maximum(jnp.asarray(prefix_B, jnp.int32), bp_B))
+    lo_B = 2 * bp_B - hi_B
   layer = jnp.arange(num_layers, dtype=jnp.int32)[:, None]
   num_NB = hi_B[None, :] * n1 - (hi_B - lo_B)[None, :] * layer  # value * (n - 1)
   base_NB = num_NB // n1
@@ -42,12 +49,13 @@ def pyramid(selectable_B: jax.Array, num_layers: int, beta: int) -> jax.Array:
   return base_NB + (rank_NB < rem_B[None, :]).astype(jnp.int32)
 
 
-def layer_selectable(schedule: str, selectable_B: jax.Array, num_layers: int, beta: int) -> jax.Array:
+def layer_selectable(schedule: str, selectable_B: jax.Array, num_layers: int, beta: int,
+                     prefix_B: jax.Array | None = None) -> jax.Array:
   """B'_l for every layer and sequence: int32 [num_layers, B]."""
   if schedule == "flat":
     return flat(selectable_B, num_layers)
   if schedule == "pyramid":
-    return pyramid(selectable_B, num_layers, beta)
+    return pyramid(selectable_B, num_layers, beta, prefix_B)
   raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
 
 

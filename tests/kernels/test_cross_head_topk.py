@@ -122,8 +122,9 @@ def test_nan_and_signed_zero_rank_like_lax_top_k():
 
 def test_bf16_scores_are_upcast():
   s = jnp.asarray(np.random.default_rng(2).standard_normal((B, H, N)), jnp.bfloat16)
-  keep, budgets = cross_head_topk(s, 12, 1, 8, backend="pallas", interpret=True)  # scalars broadcast
-  keep_ref, budgets_ref = cross_head_topk_reference(s, jnp.full(B, 12), jnp.ones(B), 8)
+  keep, budgets = jax.jit(lambda s: cross_head_topk(s, 12, 1, 8, backend="pallas",  # scalars broadcast
+                                                    interpret=True))(s)
+  keep_ref, budgets_ref = _reference(8)(s, jnp.full(B, 12), jnp.ones(B, jnp.int32))
   np.testing.assert_array_equal(keep, keep_ref)
   np.testing.assert_array_equal(budgets, budgets_ref)
 
@@ -133,3 +134,13 @@ def test_bad_arguments_fail_clearly():
     cross_head_topk(jnp.zeros((1, 2, 4)), 2, 0, 2, backend="tpu")
   with pytest.raises(ValueError, match=r"\[B, H, N\]"):
     cross_head_topk(jnp.zeros((2, 4)), 2, 0, 2, backend="pallas")
+
+
+@pytest.mark.parametrize("platform,lowering,marker", [("tpu", "tpu", "tpu_custom_call"),
+                                                      ("cuda", "triton", "xla.gpu.triton")])
+def test_kernel_lowers_for_device(platform, lowering, marker):
+  """Runs the real Mosaic / Triton lowering to MLIR (no device needed); compiling it is not checked."""
+  run = lambda s, t: cross_head_topk(s, t, t, 64, backend="pallas", interpret=False,
+                                     lowering=lowering)
+  lowered = jax.jit(run).trace(jnp.zeros((2, 8, 1000)), jnp.zeros(2, jnp.int32))
+  assert marker in lowered.lower(lowering_platforms=(platform,)).as_text()

@@ -175,3 +175,17 @@ def test_shape_mismatch_fails_clearly():
   with pytest.raises(ValueError, match="do not match"):
     ragged_decode_attention(q, jnp.zeros((1, 2, 8, 32)), jnp.zeros((1, 2, 8, 32)),
                             jnp.zeros((1, 2), jnp.int32))
+
+
+@pytest.mark.parametrize("platform,lowering,marker", [("tpu", "tpu", "tpu_custom_call"),
+                                                      ("cuda", "triton", "xla.gpu.triton")])
+@pytest.mark.parametrize("dtype,chunk", [(jnp.float32, 1), (jnp.bfloat16, 3)])
+def test_kernel_lowers_for_device(platform, lowering, marker, dtype, chunk):
+  """Runs the real Mosaic / Triton lowering to MLIR (no device needed): catches unsupported ops and
+  shapes. Compiling that MLIR to machine code needs the device and is not checked here."""
+  b, k, g, c, d = 2, 4, 4, 1024, 128
+  q = jnp.zeros((b, k, g, chunk, d), dtype)
+  kc = jnp.zeros((b, k, c, d), dtype)
+  run = lambda *a: ragged_chunk_attention(*a, backend="pallas", interpret=False, lowering=lowering)
+  lowered = jax.jit(run).trace(q, kc, kc, jnp.zeros((b, k), jnp.int32))
+  assert marker in lowered.lower(lowering_platforms=(platform,)).as_text()

@@ -1,0 +1,225 @@
+"""Fidelity of compressed caches against the full cache (ADAKV_SPEC 7), question-aware and -agnostic.
+
+For each context (chat template; a question closes the user turn) the full cache's greedy continuation
+y_1..y_M is teacher-forced through every compressed cache with one multi-token `append(all_logits=True)`:
+  - question-aware: prefill context + question, compress, append y_1..y_M;
+  - question-agnostic: prefill the context alone, compress, append question + y_1..y_M.
+The full cache goes through the same path. Reported over the M next-token distributions after y_1..y_M
+(positions after an EOS of the reference are dropped): mean KL(full || compressed), greedy top-1
+agreement, and the mean retained attention mass of the window queries (press info, mean over layers).
+Agnostic mode also reports the first answer token (after the question), which aware mode gets exactly.
+
+    python experiments/fidelity.py           # ~8 min on 2 shared CPU cores
+    python experiments/fidelity.py --quick   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import common
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from adakv_jax import model as model_lib
+from adakv_jax.press import make_press
+
+PRESSES = ("snapkv", "ada-snapkv", "pyramidkv", "ada-pyramidkv", "h2o", "ada-h2o", "streamingllm", "knorm",
+           "random")
+# open questions, so that the reference answer rarely ends (EOS) before M tokens
+QUESTIONS = ("Explain in detail what the text above says.",
+             "Describe the main ideas of the text above in a few sentences.",
+             "Which Python keywords or statements does the text above describe? Explain each one.",
+             "Summarise the text above for a beginner, step by step.")
+MODES = ("aware", "agnostic")
+
+
+def parse_args():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--quick", action="store_true", help="tiny smoke run")
+  p.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON")
+  p.add_argument("--contexts", type=int, default=4)
+  p.add_argument("--ctx-tokens", type=int, default=960, help="context tokens (the prompt fits 1024)")
+  p.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256])
+  p.add_argument("--presses", nargs="+", default=list(PRESSES))
+  p.add_argument("--new-tokens", type=int, default=32, help="M: teacher-forced continuation length")
+  a = p.parse_args()
+  if a.quick:
+    a.contexts, a.ctx_tokens, a.budgets, a.presses, a.new_tokens = 1, 200, [64], ["snapkv", "ada-snapkv"], 8
+  return a
+
+
+def build_contexts(tok, n: int, n_tokens: int):
+  """n contexts from evenly spaced start topics, each with its own question."""
+  count = len(common.topics())
+  out = []
+  for i in range(n):
+    text = common.context_text(tok, n_tokens, start=i * count // max(n, 1))
+    ctx, q = common.chat_parts(tok, text, QUESTIONS[i % len(QUESTIONS)])
+    out.append({"ctx": ctx, "q": q, "question": QUESTIONS[i % len(QUESTIONS)], "preview": text[:120]})
+  return out
+
+
+@jax.jit
+def kl_and_agree(full_BTV, comp_BTV):
+  """Per position KL(full || comp) and whether the argmaxes agree."""
+  lp = jax.nn.log_softmax(full_BTV, axis=-1)
+  lq = jax.nn.log_softmax(comp_BTV, axis=-1)
+  kl = jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
+  return kl, jnp.argmax(full_BTV, -1) == jnp.argmax(comp_BTV, -1)
+
+
+def append_tokens(mode: str, items, ys):
+  """Tokens to append per sequence, right-padded: (tokens [B, T], n_valid [B], offset of y_1's logits)."""
+  rows = [y if mode == "aware" else it["q"] + y for it, y in zip(items, ys)]
+  t = max(len(r) for r in rows)
+  toks = np.zeros((len(rows), t), np.int32)
+  for i, r in enumerate(rows):
+    toks[i, :len(r)] = r
+  first = [0 if mode == "aware" else len(it["q"]) for it in items]  # index of y_1 in the row
+  return jnp.asarray(toks), jnp.asarray([len(r) for r in rows], jnp.int32), first
+
+
+def teacher_force(params, cfg, cache, toks, n_valid, first, m: int):
+  """Logits after y_1..y_M [B, M, V] and, where a question precedes y_1, the logits after it [B, V]."""
+  logits, _ = model_lib.append(params, toks, n_valid, cache, cfg=cfg, backend=common.BACKEND, all_logits=True)
+  idx = jnp.asarray(first)[:, None] + jnp.arange(m)[None, :]
+  after_y = jnp.take_along_axis(logits, idx[:, :, None], axis=1)
+  before = jnp.take_along_axis(logits, jnp.maximum(jnp.asarray(first) - 1, 0)[:, None, None], axis=1)[:, 0]
+  return after_y, before
+
+
+def eos_mask(ys, eos) -> np.ndarray:
+  """valid[b, j]: the distribution after y_{j+1} counts iff no EOS among y_1..y_{j+1}."""
+  return np.array([[not any(t in eos for t in y[:j + 1]) for j in range(len(y))] for y in ys])
+
+
+def capture_mode(params, cfg, mode, items):
+  """One capture of this mode's prompts (context + question, or the context alone)."""
+  prompts = [it["ctx"] + it["q"] if mode == "aware" else it["ctx"] for it in items]
+  tokens, len_B, chunk = common.pad_batch(prompts)
+  logits0, cap = common.capture(params, tokens, len_B, cfg=cfg, chunk=chunk, window=32)
+  return dict(prompts=prompts, tokens=tokens, len_B=len_B, chunk=chunk, cap=cap, logits0=logits0)
+
+
+def add_reference(params, cfg, st, mode, items, ys, m):
+  """The full-cache reference logits of this mode, through the same append path as the presses."""
+  toks, n_valid, first = append_tokens(mode, items, ys)
+  full = common.full_cache(st["cap"], st["len_B"], max(len(p) for p in st["prompts"]) + toks.shape[1])
+  ref_y, ref_first = teacher_force(params, cfg, full, toks, n_valid, first, m)
+  st.update(toks=toks, n_valid=n_valid, first=first, ref_y=ref_y, ref_first=ref_first)
+  return st
+
+
+def evaluate(params, cfg, st, press, mode, m, valid):
+  """Metrics of one press against the full reference of this mode."""
+  max_len = max(len(p) for p in st["prompts"])
+  capacity = press.capacity(cfg.num_layers, max_len, st["toks"].shape[1])
+  cache, info = common.compress(st["cap"], st["len_B"], common.prefill_key(), cfg=cfg, press=press,
+                                capacity=capacity)
+  kept = np.asarray(info["budgets"]).sum(axis=(0, 2))  # per sequence, over layers and heads
+  mass = np.asarray(info["retained_mass"])  # [layers, B]
+  y, fst = teacher_force(params, cfg, cache, st["toks"], st["n_valid"], st["first"], m)
+  kl, agree = (np.asarray(x) for x in kl_and_agree(st["ref_y"], y))
+  kl0, agree0 = (np.asarray(x) for x in kl_and_agree(st["ref_first"][:, None], fst[:, None]))
+  full_entries = np.asarray(st["len_B"]) * cfg.num_layers * cfg.num_kv_heads
+  return {
+      "kl_mean": float(kl[valid].mean()),
+      "top1_agreement": float(agree[valid].mean()),
+      "retained_mass": float(mass.mean()),
+      "kl_first_token": float(kl0.mean()) if mode == "agnostic" else 0.0,
+      "top1_first_token": float(agree0.mean()) if mode == "agnostic" else 1.0,
+      "kept_fraction": float((kept / full_entries).mean()),
+      "per_context": {"kl_mean": [float(kl[b][valid[b]].mean()) for b in range(len(kl))],
+                      "top1_agreement": [float(agree[b][valid[b]].mean()) for b in range(len(kl))],
+                      "retained_mass": mass.mean(axis=0).tolist()},
+  }
+
+
+def plot(rows, budgets, presses, name):
+  plt = common.pyplot()
+  fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharex=True)
+  colors = plt.get_cmap("tab10")
+  for col, mode in enumerate(MODES):
+    for i, p in enumerate(presses):
+      rs = sorted((r for r in rows if r["mode"] == mode and r["press"] == p), key=lambda r: r["budget"])
+      style = dict(color=colors(_family(p, presses)), ls="-" if p.startswith("ada-") else "--", marker="o")
+      axes[0, col].plot([r["budget"] for r in rs], [r["kl_mean"] for r in rs], label=p, **style)
+      axes[1, col].plot([r["budget"] for r in rs], [r["top1_agreement"] for r in rs], label=p, **style)
+    axes[0, col].set_title(f"question-{mode}: KL(full || compressed), mean over positions")
+    axes[0, col].set_yscale("log")
+    axes[1, col].set_title(f"question-{mode}: greedy top-1 agreement with full cache")
+    axes[1, col].set_xlabel("budget per head (entries, window of 32 included)")
+    axes[1, col].set_xscale("log", base=2)
+    axes[1, col].set_xticks(budgets, [str(b) for b in budgets])
+    axes[1, col].set_ylim(0, 1.02)
+  axes[0, 0].set_ylabel("KL (nats)")
+  axes[1, 0].set_ylabel("agreement")
+  handles, labels = axes[0, 0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=len(presses), fontsize=8, bbox_to_anchor=(0.5, -0.03))
+  fig.suptitle("SmolLM2-135M-Instruct, ~1K-token pydoc contexts, teacher-forced 32-token continuation "
+               "(max-pool k=7, w=32, alpha=0.2, kv-head GQA)", fontsize=10)
+  fig.tight_layout()
+  common.save_png(fig, name)
+
+
+def _family(press: str, presses) -> int:
+  base = [p.removeprefix("ada-") for p in presses]
+  return list(dict.fromkeys(base)).index(press.removeprefix("ada-"))
+
+
+def main():
+  a = parse_args()
+  name = common.out_name("fidelity", a.quick)
+  if a.replot:
+    d = common.read_json(name)
+    return plot(d["rows"], d["meta"]["args"]["budgets"], d["meta"]["args"]["presses"], name)
+  with common.Timer() as total:
+    cfg, params, tok = common.load()
+    items = build_contexts(tok, a.contexts, a.ctx_tokens)
+    eos = set(tok.eos_token_ids) | set(cfg.eos_token_ids)
+    states = {mode: capture_mode(params, cfg, mode, items) for mode in MODES}
+    # the reference continuation: greedy from the full cache of the question-aware prompt
+    aware = states["aware"]
+    cache = common.full_cache(aware["cap"], aware["len_B"], max(map(len, aware["prompts"])) + a.new_tokens)
+    ys = common.greedy(params, cfg, aware["logits0"], cache, a.new_tokens)
+    valid = eos_mask(ys, eos)
+    for mode in MODES:
+      add_reference(params, cfg, states[mode], mode, items, ys, a.new_tokens)
+    sanity = {mode: {"full_vs_reference_top1": float(np.mean(np.asarray(
+        jnp.argmax(states[mode]["ref_y"][:, :-1], -1)) == np.asarray(ys)[:, 1:]))} for mode in MODES}
+    rows = []
+    grid = [(m, p, b) for m in MODES for p in a.presses for b in a.budgets]
+    for mode, pname, budget in tqdm(grid, desc="fidelity"):
+      press = make_press(pname, budget=budget)
+      with common.Timer() as t:
+        r = evaluate(params, cfg, states[mode], press, mode, a.new_tokens, valid)
+      rows.append({"mode": mode, "press": pname, "budget": budget, **r, "wall_s": round(t.s, 2)})
+    checks = [common.verify_against_prefill(params, cfg, states["aware"]["tokens"], states["aware"]["len_B"],
+                                            states["aware"]["cap"], make_press(p, budget=128),
+                                            make_press(p, budget=128).capacity(
+                                                cfg.num_layers, int(states["aware"]["len_B"].max()), 1),
+                                            states["aware"]["chunk"])
+              for p in (["ada-snapkv"] if a.quick else ["ada-snapkv", "h2o"])]
+  payload = {
+      "meta": common.run_meta(a, wall_s=round(total.s, 1), new_tokens=a.new_tokens,
+                              questions=list(QUESTIONS[:a.contexts])),
+      "contexts": [{"preview": it["preview"], "question": it["question"], "context_tokens": len(it["ctx"]),
+                    "question_tokens": len(it["q"]), "reference": tok.decode(y),
+                    "valid_positions": int(v.sum())} for it, y, v in zip(items, ys, valid)],
+      "reference_sanity": sanity,
+      "capture_vs_prefill": checks,
+      "rows": rows,
+  }
+  common.write_json(name, payload)
+  plot(rows, a.budgets, a.presses, name)
+  common.print_table(rows, ["mode", "press", "budget", "kl_mean", "top1_agreement", "retained_mass",
+                            "kl_first_token", "kept_fraction"])
+  print("capture vs prefill:", checks)
+  print(f"total {total.s:.0f}s")
+
+
+if __name__ == "__main__":
+  main()
