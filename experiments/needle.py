@@ -3,8 +3,8 @@
 Question-aware (the question closes the prompt), chat template, greedy 12 tokens (the model answers
 "The pass key is NNNNN", 10 tokens, so 8 would cut the key off); a trial succeeds when
 the key's digits appear in the answer. ADAKV_SPEC 7 warns that on a 135M model this is a cliff, not a
-gradient, so beside accuracy each configuration records how many (layer, KV-head) pairs kept every token
-of the key (both mentions) -- the mechanism behind a lost key.
+gradient, so beside accuracy each configuration records how many (layer, KV-head) pairs kept every digit
+token of the key (of both mentions, and of at least one mention) -- the mechanism behind a lost key.
 
     python experiments/needle.py           # ~5 min on 2 CPU cores
     python experiments/needle.py --quick
@@ -51,7 +51,7 @@ def cut_at_sentence(text: str, depth: float) -> int:
 
 
 def build_trial(tok, filler: str, depth: float, key: str):
-  """Prompt ids and the positions of the key's digit tokens."""
+  """Prompt ids and the positions of the key's digit tokens, per mention."""
   marker = "\u0000CTX\u0000"
   head, tail = tok.apply_chat_template([{"role": "user", "content": marker}]).split(marker)
   cut = cut_at_sentence(filler, depth)
@@ -59,18 +59,23 @@ def build_trial(tok, filler: str, depth: float, key: str):
   needle = tok.encode(NEEDLE.format(key=key), add_special_tokens=False)
   after = tok.encode(filler[cut:] + "\n\n" + QUESTION + tail, add_special_tokens=False)
   digits = [len(before) + i for i, t in enumerate(needle) if tok.decode([t]).strip().isdigit()]
+  half = len(digits) // 2  # the key is mentioned twice
   return {"ids": before + needle + after, "key": key, "depth": depth, "key_positions": digits,
+          "mentions": [digits[:half], digits[half:]],
           "depth_actual": len(before) / (len(before) + len(needle) + len(after))}
 
 
-def key_kept(positions_NBHC: np.ndarray, trials) -> np.ndarray:
-  """[B]: fraction of (layer, head) pairs whose kept set holds every key token."""
-  out = []
+def key_kept(positions_NBHC: np.ndarray, trials) -> tuple[np.ndarray, np.ndarray]:
+  """Per trial, the fraction of (layer, head) pairs that keep every key token of both mentions, and of
+  at least one complete mention."""
+  both, one = [], []
   for b, t in enumerate(trials):
     kept = positions_NBHC[:, b]  # [layers, heads, capacity]
-    has_all = np.all([(kept == p).any(axis=-1) for p in t["key_positions"]], axis=0)
-    out.append(float(has_all.mean()))
-  return np.asarray(out)
+    has = {p: (kept == p).any(axis=-1) for p in t["key_positions"]}
+    full = [np.all([has[p] for p in m], axis=0) for m in t["mentions"]]
+    both.append(float((full[0] & full[1]).mean()))
+    one.append(float((full[0] | full[1]).mean()))
+  return np.asarray(both), np.asarray(one)
 
 
 def run_config(params, cfg, tok, st, trials, pname, budget, new_tokens):
@@ -78,26 +83,28 @@ def run_config(params, cfg, tok, st, trials, pname, budget, new_tokens):
   max_len = max(len(t["ids"]) for t in trials)
   if pname == "full":
     cache = common.full_cache(st["cap"], st["len_B"], max_len + new_tokens)
-    kept = np.ones(len(trials))
+    kept = one = np.ones(len(trials))
   else:
     press = make_press(pname, budget=budget)
     cache, info = common.compress(st["cap"], st["len_B"], common.prefill_key(), cfg=cfg, press=press,
                                   capacity=press.capacity(cfg.num_layers, max_len, new_tokens),
                                   return_positions=True)
-    kept = key_kept(np.asarray(info["positions"]), trials)
+    kept, one = key_kept(np.asarray(info["positions"]), trials)
   answers = common.greedy(params, cfg, st["logits0"], cache, new_tokens)
   out = []
-  for t, ids, k in zip(trials, answers, kept):
+  for t, ids, k, k1 in zip(trials, answers, kept, one):
     text = tok.decode(ids)
     out.append({"key": t["key"], "depth": t["depth"], "answer": text, "success": t["key"] in text.replace(" ", ""),
-                "key_kept_layer_head_fraction": float(k)})
+                "key_kept_layer_head_fraction": float(k), "one_mention_kept_layer_head_fraction": float(k1)})
   return out
 
 
 def summarise(pname, budget, results, depths):
   row = {"press": pname, "budget": budget if pname != "full" else None,
          "accuracy": float(np.mean([r["success"] for r in results])),
-         "key_kept_layer_head_fraction": float(np.mean([r["key_kept_layer_head_fraction"] for r in results]))}
+         "key_kept_layer_head_fraction": float(np.mean([r["key_kept_layer_head_fraction"] for r in results])),
+         "one_mention_kept_layer_head_fraction": float(np.mean([r["one_mention_kept_layer_head_fraction"]
+                                                                for r in results]))}
   for d in depths:
     row[f"acc@{d:g}"] = float(np.mean([r["success"] for r in results if r["depth"] == d]))
   return row
@@ -107,9 +114,9 @@ def plot(rows, depths, name, n_keys, prompt_tokens):
   plt = common.pyplot()
   labels = [r["press"] + ("" if r["budget"] is None else f"@{r['budget']}") for r in rows]
   acc = np.array([[r[f"acc@{d:g}"] for d in depths] for r in rows])
-  kept = np.array([[r["key_kept_layer_head_fraction"]] for r in rows])
+  kept = np.array([[r["key_kept_layer_head_fraction"], r["one_mention_kept_layer_head_fraction"]] for r in rows])
   fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 0.45 * len(rows) + 2),
-                                gridspec_kw={"width_ratios": [len(depths), 1.4]})
+                                gridspec_kw={"width_ratios": [len(depths), 2]})
   im = ax.imshow(acc, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
   for (i, j), v in np.ndenumerate(acc):
     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=9)
@@ -119,9 +126,10 @@ def plot(rows, depths, name, n_keys, prompt_tokens):
   ax.set_title(f"pass-key accuracy ({n_keys} keys per cell)", fontsize=10)
   fig.colorbar(im, ax=ax, fraction=0.05)
   ax2.imshow(kept, cmap="Blues", vmin=0, vmax=1, aspect="auto")
-  for i, v in enumerate(kept[:, 0]):
-    ax2.text(0, i, f"{v:.2f}", ha="center", va="center", fontsize=9, color="w" if v > 0.5 else "k")
-  ax2.set_xticks([0], ["key kept\n(layer, head)"])
+  for (i, j), v in np.ndenumerate(kept):
+    ax2.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=9, color="w" if v > 0.5 else "k")
+  ax2.set_xticks([0, 1], ["both\nmentions", "one\nmention"])
+  ax2.set_title("(layer, head) pairs keeping\nevery digit of the key", fontsize=9)
   ax2.set_yticks([])
   fig.suptitle(f"SmolLM2-135M-Instruct, {min(prompt_tokens)}-{max(prompt_tokens)}-token prompts, "
                "question-aware (max-pool k=7, w=32, alpha=0.2)", fontsize=9)
@@ -161,7 +169,7 @@ def main():
   common.write_json(name, payload)
   plot(rows, a.depths, name, len(keys), payload["meta"]["prompt_tokens"])
   common.print_table(rows, ["press", "budget", "accuracy", *[f"acc@{d:g}" for d in a.depths],
-                            "key_kept_layer_head_fraction"])
+                            "key_kept_layer_head_fraction", "one_mention_kept_layer_head_fraction"])
   print(f"total {total.s:.0f}s")
 
 
