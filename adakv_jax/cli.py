@@ -127,6 +127,8 @@ def cmd_generate(a) -> int:
     out["budgets"] = res.budgets[:, 0, :].tolist()
     out["layer_totals"] = res.budgets[:, 0, :].sum(-1).tolist()
     out["retained_mass"] = [round(float(m), 6) for m in res.retained_mass[:, 0]]
+    out["head_cap"] = res.head_cap
+    out["heads_at_cap"] = round(res.heads_at_cap, 4)
   if res.positions is not None:
     out["positions"] = res.positions[:, 0].tolist()
   if res.answers is not None:

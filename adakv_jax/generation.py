@@ -6,6 +6,7 @@ each step takes in and hands back.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adakv_jax import model as model_lib
+from adakv_jax import sharding
 from adakv_jax.cache import KVCache, CacheCapacityError
 from adakv_jax.config import ModelConfig
 
@@ -73,8 +75,16 @@ class GenerationResult:
   retained_mass: np.ndarray | None = None  # [layers, batch]
   positions: np.ndarray | None = None  # [layers, batch, heads, capacity], -1 = padding
   notes: list[str] = dataclasses.field(default_factory=list)
+  head_cap: int | None = None  # most prompt entries one head may keep (cap + window)
   answers: list[list[list[int]]] | None = None  # question-agnostic: [question][sequence] -> ids
   final_logits: np.ndarray | None = None  # logits that chose the first generated token [B, V]
+
+  @property
+  def heads_at_cap(self) -> float | None:
+    """Fraction of (layer, sequence, head) budgets that hit the cap: high means the cap binds."""
+    if self.budgets is None or self.head_cap is None:
+      return None
+    return float(np.mean(self.budgets >= self.head_cap))
 
   @property
   def padding_overhead(self) -> float:
@@ -139,17 +149,12 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
   sharding.shard_params first): sequences split over "data", heads over "model".
   """
   if mesh is not None:
-    from adakv_jax import sharding
-
     heads = press.cache_heads(cfg) if press is not None else cfg.num_kv_heads
     sharding.check_fits(cfg, mesh, batch=len(prompts), cache_heads=heads)
-    with jax.set_mesh(mesh):
-      return _generate(params, cfg, prompts, max_new_tokens=max_new_tokens, press=press, sampling=sampling,
-                       eos_token_ids=eos_token_ids, questions=questions, return_positions=return_positions,
-                       backend=backend, seed=seed, mesh=mesh, progress=progress)
-  return _generate(params, cfg, prompts, max_new_tokens=max_new_tokens, press=press, sampling=sampling,
-                   eos_token_ids=eos_token_ids, questions=questions, return_positions=return_positions,
-                   backend=backend, seed=seed, mesh=None, progress=progress)
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    return _generate(params, cfg, prompts, max_new_tokens=max_new_tokens, press=press, sampling=sampling,
+                     eos_token_ids=eos_token_ids, questions=questions, return_positions=return_positions,
+                     backend=backend, seed=seed, mesh=mesh, progress=progress)
 
 
 def _generate(params, cfg, prompts, *, max_new_tokens, press, sampling, eos_token_ids, questions,
@@ -180,8 +185,6 @@ def _generate(params, cfg, prompts, *, max_new_tokens, press, sampling, eos_toke
   tokens = jnp.asarray(_pad_batch(prompts, padded))
   len_B = jnp.asarray(lens, jnp.int32)
   if mesh is not None:
-    from adakv_jax import sharding
-
     tokens = jax.device_put(tokens, sharding.batch_sharding(mesh, 2))
     len_B = jax.device_put(len_B, sharding.batch_sharding(mesh, 1))
   key = jax.random.PRNGKey(seed)
@@ -238,6 +241,7 @@ def _generate(params, cfg, prompts, *, max_new_tokens, press, sampling, eos_toke
       retained_mass=np.asarray(info["retained_mass"]) if press is not None else None,
       positions=np.asarray(info["positions"]) if return_positions and press is not None else None,
       notes=notes,
+      head_cap=press.head_cap(cfg.num_layers, max(lens)) + press.window if press is not None else None,
       answers=answers,
       final_logits=np.asarray(logits) if questions is None else None,
   )

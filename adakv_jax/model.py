@@ -21,8 +21,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from adakv_jax import sharding
 from adakv_jax.cache import CacheCapacityError, KVCache
 from adakv_jax.config import ModelConfig, rope_frequencies
+from adakv_jax import press as press_lib
+from pallas_kernels import backend as backend_lib
+from pallas_kernels import ragged_decode_attention as rda
 
 Params = dict[str, Any]
 
@@ -173,9 +177,7 @@ def prefill(params: Params, tokens_BL: jax.Array, len_B: jax.Array, rng: jax.Arr
       lengths = jnp.broadcast_to(len_B[:, None], (b, cfg.num_kv_heads)).astype(jnp.int32)
       info = {"budgets": lengths}
       return x, (jnp.pad(k, pad), jnp.pad(v, pad), lengths, info)
-    from adakv_jax.press import compress_layer  # local: the press package may import model helpers
-
-    k_c, v_c, lengths, info = compress_layer(
+    k_c, v_c, lengths, info = press_lib.compress_layer(
         press, cfg, q_win_BHWD=_window_queries(q, len_B, press.window), k_BKLD=k, v_BKLD=v,
         prompt_len_B=len_B, budget_B=budget_B, colsum_BHL=colsum, rng=jax.random.fold_in(rng, i),
         capacity=capacity, return_positions=return_positions)
@@ -190,10 +192,6 @@ def prefill(params: Params, tokens_BL: jax.Array, len_B: jax.Array, rng: jax.Arr
 
 def cache_attention(q_BKGTD, k_BKCD, v_BKCD, kv_len_BK, backend: str):
   """Attention of a chunk of T queries over each head's live entries (causal inside the chunk)."""
-  from adakv_jax import sharding
-  from pallas_kernels import backend as backend_lib
-  from pallas_kernels import ragged_decode_attention as rda
-
   fn = functools.partial(rda.ragged_chunk_attention, backend=backend)
   if backend_lib.resolve_backend(backend) == "pallas":  # XLA cannot partition a kernel: one per shard
     cache_axes = ("batch", "kv_heads", "capacity", "head_dim")

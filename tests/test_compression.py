@@ -133,3 +133,17 @@ def test_question_agnostic_differs_from_question_aware():
   agnostic = gen.generate(params, cfg, context, max_new_tokens=1, press=press, backend="xla",
                           return_positions=True)
   assert not np.array_equal(aware.positions[..., :16], agnostic.positions[..., :16])
+
+
+def test_a_tight_cap_binds_and_is_reported():
+  cfg, params = tiny_model()
+  prompt = random_prompts([200], seed=9)
+  loose = gen.generate(params, cfg, prompt, max_new_tokens=1, backend="xla",
+                       press=make_press("ada-snapkv", budget=32, window=8, head_cap_factor=3.0))
+  tight = gen.generate(params, cfg, prompt, max_new_tokens=1, backend="xla",
+                       press=make_press("ada-snapkv", budget=32, window=8, head_cap_factor=1.0))
+  assert tight.head_cap == 24 + 8 and loose.head_cap == 72 + 8
+  assert (tight.budgets <= tight.head_cap).all() and (loose.budgets <= loose.head_cap).all()
+  assert tight.heads_at_cap == 1.0  # cap = mean budget: every head is exactly at it (uniform)
+  assert loose.heads_at_cap < 1.0 and loose.budgets.max() > tight.budgets.max()
+  assert tight.cache_bytes < loose.cache_bytes
