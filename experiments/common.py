@@ -133,7 +133,8 @@ def compress(cap, len_B, rng, *, cfg, press, capacity: int, return_positions: bo
     return None, (k_c, v_c, lengths, info)
 
   _, (k, v, lengths, info) = lax.scan(layer, None, (cap, budgets_NB, jnp.arange(cfg.num_layers)))
-  # pos must be a fresh buffer: append donates the cache, and jit forwards an unchanged input as is
+  # a fresh pos buffer: append donates the cache and len_B must survive it (jit may forward an output
+  # that is an unchanged input)
   return KVCache(k=k, v=v, lengths=lengths.astype(jnp.int32), pos=jnp.copy(len_B) + 0), info
 
 
@@ -147,7 +148,8 @@ def full_cache(cap, len_B, capacity: int) -> KVCache:
   else:
     k, v = k[:, :, :, :capacity], v[:, :, :, :capacity]
   lengths = jnp.broadcast_to(len_B[None, :, None], (n, b, kh)).astype(jnp.int32)
-  # fresh buffers throughout: append donates the cache, the capture must survive it
+  # fresh buffers throughout: append donates the cache, and the capture and len_B must survive it
+  # (outside jit, astype to the same dtype and a zero pad return the very same array)
   return KVCache(k=jnp.copy(k), v=jnp.copy(v), lengths=jnp.copy(lengths), pos=jnp.copy(len_B))
 
 
@@ -209,6 +211,9 @@ def git_commit() -> str:
     return "unknown"
 
 
+START_COMMIT = git_commit()  # the code a run imported, before anything changes the tree under it
+
+
 def run_meta(args, **extra) -> dict:
   """Everything needed to read a result: model, dtype, backend, press defaults, machine, date."""
   return {
@@ -219,7 +224,7 @@ def run_meta(args, **extra) -> dict:
       "backend": BACKEND,
       "press_defaults": PRESS_DEFAULTS,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "git_commit": git_commit(),
+      "git_commit": START_COMMIT,
       "jax_version": jax.__version__,
       "device": str(jax.devices()[0]),
       "platform": platform.platform(),

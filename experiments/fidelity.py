@@ -8,6 +8,8 @@ The full cache goes through the same path. Reported over the M next-token distri
 (positions after an EOS of the reference are dropped): mean KL(full || compressed), greedy top-1
 agreement, and the mean retained attention mass of the window queries (press info, mean over layers).
 Agnostic mode also reports the first answer token (after the question), which aware mode gets exactly.
+Per layer, the relative L2 error of the window queries' attention output over the kept keys against all
+keys (the quantity ADAKV_SPEC 2 bounds) is reported too.
 
     python experiments/fidelity.py           # ~8 min on 2 shared CPU cores
     python experiments/fidelity.py --quick   # smoke run
@@ -45,10 +47,17 @@ def parse_args():
   p.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256])
   p.add_argument("--presses", nargs="+", default=list(PRESSES))
   p.add_argument("--new-tokens", type=int, default=32, help="M: teacher-forced continuation length")
+  p.add_argument("--pool", choices=("max", "avg"), default="max", help="pooling of the SnapKV-family scores")
+  p.add_argument("--kernel", type=int, default=7, help="pooling kernel of the SnapKV-family scores")
   a = p.parse_args()
   if a.quick:
     a.contexts, a.ctx_tokens, a.budgets, a.presses, a.new_tokens = 1, 200, [64], ["snapkv", "ada-snapkv"], 8
   return a
+
+
+def pooling(pname: str, a) -> dict:
+  """--pool/--kernel apply to the SnapKV-family presses (the others' presets do not pool: kernel 1)."""
+  return dict(pool=a.pool, kernel=a.kernel) if "snapkv" in pname or "pyramidkv" in pname else {}
 
 
 def build_contexts(tok, n: int, n_tokens: int):
@@ -60,6 +69,28 @@ def build_contexts(tok, n: int, n_tokens: int):
     ctx, q = common.chat_parts(tok, text, QUESTIONS[i % len(QUESTIONS)])
     out.append({"ctx": ctx, "q": q, "question": QUESTIONS[i % len(QUESTIONS)], "preview": text[:120]})
   return out
+
+
+@jax.jit
+def attention_output_error(cap, positions_NBKC, len_B):
+  """Per layer: relative L2 error of the window queries' attention output over the kept keys (softmax
+  renormalised over them) against all keys, mean over sequences, query heads and window queries."""
+  q, k, v = cap["q_win"], cap["k"], cap["v"]  # [N, B, H, W, D], [N, B, K, L, D]
+  n, b, h, w, d = q.shape
+  kh, l = k.shape[2], k.shape[3]
+  idx = jnp.where(positions_NBKC >= 0, positions_NBKC, l).reshape(-1, positions_NBKC.shape[-1])
+  keep = jax.vmap(lambda i: jnp.zeros(l + 1, bool).at[i].set(True))(idx)[:, :l].reshape(n, b, kh, 1, 1, l)
+  s = jnp.einsum("nbkgwd,nbkld->nbkgwl", q.reshape(n, b, kh, h // kh, w, d), k) / jnp.sqrt(jnp.float32(d))
+  qpos_BW = len_B[:, None] - w + jnp.arange(w)[None, :]
+  ok = (jnp.arange(l)[None, None, :] <= qpos_BW[:, :, None])[None, :, None, None]  # [1, B, 1, 1, W, L]
+
+  def out(mask):
+    p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
+    return jnp.einsum("nbkgwl,nbkld->nbkgwd", p, v)
+
+  o_full, o_comp = out(ok), out(ok & keep)
+  err = jnp.linalg.norm(o_comp - o_full, axis=-1) / jnp.maximum(jnp.linalg.norm(o_full, axis=-1), 1e-9)
+  return jnp.mean(err, axis=(1, 2, 3, 4))
 
 
 @jax.jit
@@ -118,7 +149,8 @@ def evaluate(params, cfg, st, press, mode, m, valid):
   max_len = max(len(p) for p in st["prompts"])
   capacity = press.capacity(cfg.num_layers, max_len, st["toks"].shape[1])
   cache, info = common.compress(st["cap"], st["len_B"], common.prefill_key(), cfg=cfg, press=press,
-                                capacity=capacity)
+                                capacity=capacity, return_positions=True)
+  attn_err = np.asarray(attention_output_error(st["cap"], info["positions"], st["len_B"]))
   kept = np.asarray(info["budgets"]).sum(axis=(0, 2))  # per sequence, over layers and heads
   mass = np.asarray(info["retained_mass"])  # [layers, B]
   y, fst = teacher_force(params, cfg, cache, st["toks"], st["n_valid"], st["first"], m)
@@ -132,13 +164,15 @@ def evaluate(params, cfg, st, press, mode, m, valid):
       "kl_first_token": float(kl0.mean()) if mode == "agnostic" else 0.0,
       "top1_first_token": float(agree0.mean()) if mode == "agnostic" else 1.0,
       "kept_fraction": float((kept / full_entries).mean()),
+      "attn_out_rel_error": float(attn_err.mean()),
+      "attn_out_rel_error_per_layer": [round(float(x), 5) for x in attn_err],
       "per_context": {"kl_mean": [float(kl[b][valid[b]].mean()) for b in range(len(kl))],
                       "top1_agreement": [float(agree[b][valid[b]].mean()) for b in range(len(kl))],
                       "retained_mass": mass.mean(axis=0).tolist()},
   }
 
 
-def plot(rows, budgets, presses, name):
+def plot(rows, budgets, presses, name, pool="max", kernel=7):
   plt = common.pyplot()
   fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharex=True)
   colors = plt.get_cmap("tab10")
@@ -160,7 +194,7 @@ def plot(rows, budgets, presses, name):
   handles, labels = axes[0, 0].get_legend_handles_labels()
   fig.legend(handles, labels, loc="lower center", ncol=len(presses), fontsize=8, bbox_to_anchor=(0.5, -0.03))
   fig.suptitle("SmolLM2-135M-Instruct, ~1K-token pydoc contexts, teacher-forced 32-token continuation "
-               "(max-pool k=7, w=32, alpha=0.2, kv-head GQA)", fontsize=10)
+               f"(SnapKV family: {pool}-pool k={kernel}; w=32, alpha=0.2, kv-head GQA)", fontsize=10)
   fig.tight_layout()
   common.save_png(fig, name)
 
@@ -175,7 +209,8 @@ def main():
   name = common.out_name("fidelity", a.quick)
   if a.replot:
     d = common.read_json(name)
-    return plot(d["rows"], d["meta"]["args"]["budgets"], d["meta"]["args"]["presses"], name)
+    return plot(d["rows"], d["meta"]["args"]["budgets"], d["meta"]["args"]["presses"], name,
+                d["meta"]["args"].get("pool", "max"), d["meta"]["args"].get("kernel", 7))
   with common.Timer() as total:
     cfg, params, tok = common.load()
     items = build_contexts(tok, a.contexts, a.ctx_tokens)
@@ -193,7 +228,7 @@ def main():
     rows = []
     grid = [(m, p, b) for m in MODES for p in a.presses for b in a.budgets]
     for mode, pname, budget in tqdm(grid, desc="fidelity"):
-      press = make_press(pname, budget=budget)
+      press = make_press(pname, budget=budget, **pooling(pname, a))
       with common.Timer() as t:
         r = evaluate(params, cfg, states[mode], press, mode, a.new_tokens, valid)
       rows.append({"mode": mode, "press": pname, "budget": budget, **r, "wall_s": round(t.s, 2)})
@@ -214,9 +249,9 @@ def main():
       "rows": rows,
   }
   common.write_json(name, payload)
-  plot(rows, a.budgets, a.presses, name)
+  plot(rows, a.budgets, a.presses, name, a.pool, a.kernel)
   common.print_table(rows, ["mode", "press", "budget", "kl_mean", "top1_agreement", "retained_mass",
-                            "kl_first_token", "kept_fraction"])
+                            "kl_first_token", "attn_out_rel_error", "kept_fraction"])
   print("capture vs prefill:", checks)
   print(f"total {total.s:.0f}s")
 

@@ -1,0 +1,186 @@
+"""The paper-reproduction scripts' scoring (experiments/metrics.py) and RULER generator
+(experiments/ruler.py), on hand-worked examples. No model is loaded."""
+
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import metrics  # noqa: E402
+import ruler  # noqa: E402
+
+# ---- LongBench metrics -----------------------------------------------------------------------------
+
+
+def test_normalize_answer_drops_case_punctuation_articles_and_extra_space():
+  assert metrics.normalize_answer("The  Cat, sat on A mat!") == "cat sat on mat"
+  assert metrics.normalize_answer("an apple-pie") == "applepie"  # punctuation goes before words split
+
+
+def test_qa_f1_on_token_overlap():
+  # pred {cat, sat, on, mat} vs truth {cat, on, mat}: P = 3/4, R = 1, F1 = 6/7
+  assert metrics.qa_f1_score("the cat sat on the mat", "Cat on mat.") == pytest.approx(6 / 7)
+  assert metrics.qa_f1_score("dog", "cat") == 0.0
+  assert metrics.qa_f1_score("Paris", "paris") == 1.0
+  # multiset overlap: "a a b" vs "a b b" shares {a, b}: P = R = 2/3
+  assert metrics.f1_score(["x", "x", "y"], ["x", "y", "y"]) == pytest.approx(2 / 3)
+
+
+def test_qa_f1_zh_needs_jieba_with_a_clear_error(monkeypatch):
+  monkeypatch.setitem(sys.modules, "jieba", None)  # import jieba -> ImportError, installed or not
+  with pytest.raises(ImportError, match="pip install jieba"):
+    metrics.qa_f1_zh_score("北京", "北京")
+  assert metrics.qa_f1_score("Paris", "Paris") == 1.0  # the English metrics do not care
+
+
+def test_rouge_l_single_sentence():
+  # LCS "the cat on the mat" -> word set {the, cat, on, mat}: 4 of 5 distinct words each side
+  assert metrics.rouge_l_f("the cat sat on the mat", "the cat lay on the mat") == pytest.approx(0.8, abs=1e-7)
+  assert metrics.rouge_l_f("a b c", "a b c") == pytest.approx(1.0, abs=1e-7)
+
+
+def test_rouge_l_is_summary_level_over_sentences():
+  # sentences split on ".": ref "a c" meets hyp "a b" -> {a} and "c d" -> {c}; ref "b d" adds {b}, {d}.
+  # The union covers all 4 words: F = 1, where token-level LCS of "a b c d" / "a c b d" would give 3/4.
+  assert metrics.rouge_l_f("a b. c d", "a c. b d") == pytest.approx(1.0, abs=1e-7)
+  # words counted once: "x x y" vs "x y": distinct words 2 and 2, LCS set {x, y}
+  assert metrics.rouge_l_f("x x y", "x y") == pytest.approx(1.0, abs=1e-7)
+
+
+def test_rouge_score_is_zero_where_rouge_raises():
+  assert metrics.rouge_score("", "a reference") == 0.0
+  assert metrics.rouge_score("...", "a reference") == 0.0  # only dots: no sentence left
+  with pytest.raises(ValueError):
+    metrics.rouge_l_f("", "a reference")
+
+
+def test_classification_score():
+  classes = ["Location", "Human being", "Human"]
+  assert metrics.classification_score("Human being", "Human being", all_classes=classes) == 1.0
+  assert metrics.classification_score("Location or Human being", "Location",
+                                      all_classes=["Location", "Human being"]) == 0.5
+  assert metrics.classification_score("Number", "Location", all_classes=classes) == 0.0
+
+
+def test_classification_score_keeps_the_official_list_mutation_quirk():
+  # official loop removes from the list it iterates: "ab" goes, "a" is skipped, "b" goes -> [a, abc]
+  assert metrics.classification_score("abc", "abc", all_classes=["ab", "a", "b", "abc"]) == 0.5
+
+
+def test_retrieval_and_count_parse_numbers():
+  assert metrics.retrieval_score("Paragraph 12", "Paragraph 12") == 1.0
+  assert metrics.retrieval_score("Paragraph 3 or Paragraph 12", "Paragraph 12") == 0.5
+  assert metrics.retrieval_score("I do not know", "Paragraph 12") == 0.0
+  assert metrics.retrieval_score("Paragraph 1", "Paragraph 12") == 0.0  # whole numbers, not prefixes
+  assert metrics.retrieval_zh_score("段落5", "段落5") == 1.0
+  assert metrics.count_score("There are 5 unique paragraphs.", "5") == 1.0
+  assert metrics.count_score("5 or 6", "5") == 0.5
+  assert metrics.count_score("five", "5") == 0.0
+
+
+def test_code_sim_takes_the_first_code_line():
+  pred = "```python\n# the next line\nx = foo(1)\ny = 2\n"
+  assert metrics.code_sim_score(pred, "x = foo(1)") == 1.0
+  assert metrics.fuzz_ratio("abcd", "abce") == 75  # 2 * 3 matches / 8 characters
+  assert metrics.fuzz_ratio("", "") == 100 and metrics.fuzz_ratio("", "x") == 0
+
+
+def test_longbench_score_max_over_answers_first_line_and_rounding():
+  # few-shot sets keep only the first line of the prediction
+  assert metrics.longbench_sample_score("trec", "\nLocation\nHuman being", ["Location"],
+                                        ["Location", "Human being"]) == 1.0
+  assert metrics.longbench_sample_score("hotpotqa", "Blue Otter", ["the Blue Otter river", "Blue Otter"]) == 1.0
+  # (1 + 0 + 6/7) / 3 * 100 = 61.904... -> 61.9
+  got = metrics.longbench_score("hotpotqa", ["Paris", "dog", "the cat sat on the mat"],
+                                [["Paris"], ["cat"], ["cat on mat"]])
+  assert got == 61.9
+
+
+# ---- RULER metrics ---------------------------------------------------------------------------------
+
+
+def test_ruler_string_match():
+  assert metrics.string_match_all("The numbers are 123 and 456.", ["123", "456", "789"]) == pytest.approx(2 / 3)
+  assert metrics.string_match_all("uuid ABC-def", ["abc-DEF"]) == 1.0  # case-insensitive
+  assert metrics.string_match_part("only 456", ["123", "456"]) == 1.0
+  assert metrics.string_match_part("none", ["123", "456"]) == 0.0
+  assert metrics.ruler_postprocess(" 12\x0034\t ") == "12\n34"
+  # (1 + 1/2 + 0) / 3 * 100 = 50
+  assert metrics.ruler_score(["1 2", "1", "x"], [["1", "2"], ["1", "2"], ["1"]]) == 50.0
+  assert metrics.ruler_score(["1 2", "x"], [["1", "2"], ["x", "y"]], part=True) == 100.0
+
+
+# ---- RULER generator -------------------------------------------------------------------------------
+
+
+def _samples(length=1024, seed=0, n=2):
+  return {t: [ruler.make_sample(t, i, seed, length, ruler.word_count_tokens) for i in range(n)]
+          for t in ruler.TASKS}
+
+
+@pytest.fixture(scope="module")
+def samples():
+  return _samples()
+
+
+def test_generator_is_deterministic_under_a_seed(samples):
+  again = {t: [ruler.make_sample(t, 0, 0, 1024, ruler.word_count_tokens)] for t in ("niah_multikey_3", "fwe")}
+  for t, (s,) in again.items():
+    assert s == samples[t][0]
+  other = ruler.make_sample("niah_single_1", 0, 1, 1024, ruler.word_count_tokens)
+  assert other["outputs"] != samples["niah_single_1"][0]["outputs"]
+  assert samples["niah_single_1"][0]["outputs"] != samples["niah_single_1"][1]["outputs"]
+
+
+def test_samples_fill_the_length_and_no_more(samples):
+  for task, ss in samples.items():
+    room = 1024 - ruler.TOKENS_TO_GENERATE[ruler.TASKS[task]["kind"]]
+    for s in ss:
+      assert ruler.word_count_tokens(s) <= room, task
+      bigger = ruler.build(task, s["index"], s["seed"], s["size"] + 1)
+      assert ruler.word_count_tokens(bigger) > room, task  # the largest haystack that fits
+
+
+def test_niah_needles_are_in_the_context(samples):
+  for task, ss in samples.items():
+    spec = ruler.TASKS[task]
+    if spec["kind"] != "niah":
+      continue
+    for s in ss:
+      assert len(s["outputs"]) == spec["q"] * spec["v"], task
+      for value in s["outputs"]:
+        found = re.findall(rf"One of the special magic {spec['value']} for (\S+) is: {re.escape(value)}\.",
+                           s["context"])
+        assert len(found) == 1 and s["context"].count(value) == 1, (task, value)
+        assert found[0] in s["question"] and found[0] in s["answer_prefix"], (task, found[0])
+      single = spec["q"] * spec["v"] == 1
+      assert s["question"].startswith("\nWhat is the special" if single else "\nWhat are all the special")
+
+
+def test_vt_chain_is_in_the_context(samples):
+  for s in samples["vt"]:
+    value = s["question"].split("assigned the value ")[1].split(" ")[0]
+    names = s["outputs"]
+    assert len(names) == 5
+    haystack = s["context"].split("Memorize and track")[-1]  # after the one-shot example
+    assert f"VAR {names[0]} = {value}" in haystack
+    for a, b in zip(names, names[1:]):
+      assert f"VAR {b} = VAR {a}" in haystack
+
+
+def test_cwe_and_fwe_answers_are_the_most_frequent_words(samples):
+  for s in samples["cwe"]:
+    listing = s["context"].split("\n")[-1]  # the real list, after the one-shot example
+    counts = Counter(w for w in listing.split() if not w[:-1].isdigit())
+    top = {w for w, _ in counts.most_common(10)}
+    assert top == set(s["outputs"]) and min(counts[w] for w in top) > max(
+        c for w, c in counts.items() if w not in top)
+  for s in samples["fwe"]:
+    coded = s["context"].split("\n")[-1].split("coded words. ")[1]
+    counts = Counter(coded.split())
+    ranked = [w for w, _ in counts.most_common()]
+    assert ranked[0] == "..." and ranked[1:4] == s["outputs"]
+    assert counts[ranked[3]] > counts[ranked[4]]  # no tie at the cut
