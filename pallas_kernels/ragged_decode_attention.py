@@ -101,7 +101,9 @@ def _online_softmax_step(q_RD, k_ND, v_ND, live_N1, visible_RN, m_R1, l_R1, acc_
   live/visible say which of the N block entries exist and which rows may see them; v rows that do not
   exist are zeroed so garbage in the padding (or past the array's end) cannot reach the output.
   """
-  s_RN = lax.dot_general(q_RD, k_ND, (((1,), (1,)), ((), ())),
+  # float32 caches get IEEE float32 products: the Triton lowering reads the default precision as TF32.
+  prec = lax.Precision.HIGHEST if k_ND.dtype == jnp.float32 else None
+  s_RN = lax.dot_general(q_RD, k_ND, (((1,), (1,)), ((), ())), precision=prec,
                          preferred_element_type=jnp.float32) * sm_scale
   s_RN = jnp.where(visible_RN, s_RN, -jnp.inf)
   m_new = jnp.maximum(m_R1, jnp.max(s_RN, axis=1, keepdims=True))
@@ -109,7 +111,7 @@ def _online_softmax_step(q_RD, k_ND, v_ND, live_N1, visible_RN, m_R1, l_R1, acc_
   p_RN = jnp.exp(s_RN - m_new)
   l_new = alpha * l_R1 + jnp.sum(p_RN, axis=1, keepdims=True)
   v_ND = jnp.where(live_N1, v_ND, jnp.zeros_like(v_ND))
-  pv_RD = lax.dot_general(p_RN.astype(v_ND.dtype), v_ND, (((1,), (0,)), ((), ())),
+  pv_RD = lax.dot_general(p_RN.astype(v_ND.dtype), v_ND, (((1,), (0,)), ((), ())), precision=prec,
                           preferred_element_type=jnp.float32)
   return m_new, l_new, alpha * acc_RD + pv_RD
 
@@ -321,6 +323,11 @@ def _default_block_size(cap: int, lowering: str) -> int:
   return min(want, cap)
 
 
+def _triton_fits(cap: int, head_dim: int) -> bool:
+  """Triton tiles are powers of two: a block of >= 16 cache entries and the whole head dim."""
+  return cap >= 16 and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def _default_num_splits(batch_heads: int, num_blocks: int, lowering: str) -> int:
   """Enough (b, k, split) programs to fill the device, never more splits than blocks."""
   target = 2 if lowering == "tpu" else 256  # TPU: two cores per chip at most; GPU: ~2 waves of SMs
@@ -343,16 +350,23 @@ def ragged_chunk_attention(q_BKGTD: jax.Array, k_BKCD: jax.Array, v_BKCD: jax.Ar
                      f"{q_BKGTD.shape} as [B, K, C, D]")
   if kv_len_BK.shape != (b, kh):
     raise ValueError(f"lengths {kv_len_BK.shape} must be [B, K] = {(b, kh)}")
-  if backend_lib.resolve_backend(backend) == "xla":
-    return ragged_chunk_attention_reference(q_BKGTD, k_BKCD, v_BKCD, kv_len_BK, sm_scale=sm_scale)
-
   lowering = backend_lib.resolve_lowering(lowering)
   cap = k_BKCD.shape[2]
+  if backend_lib.resolve_backend(backend) == "xla" or (
+      backend == "auto" and lowering == "triton" and not _triton_fits(cap, d)):
+    # auto: shapes Triton cannot tile (tiny caches, head dims that are not powers of two) take the
+    # reference instead of failing to compile
+    return ragged_chunk_attention_reference(q_BKGTD, k_BKCD, v_BKCD, kv_len_BK, sm_scale=sm_scale)
+
   block_size = block_size or _default_block_size(cap, lowering)
   if not 0 < block_size <= cap:
     raise ValueError(f"block_size {block_size} must be in [1, capacity={cap}]")
   if lowering == "triton" and (block_size < 16 or block_size & (block_size - 1)):
-    raise ValueError(f"the Triton lowering needs a power-of-two block_size >= 16, got {block_size}")
+    raise ValueError(f"the Triton lowering needs a power-of-two block_size >= 16, got {block_size} "
+                     f"(capacity {cap}); backend='auto' uses the XLA reference for such caches")
+  if lowering == "triton" and not _triton_fits(cap, d):
+    raise ValueError(f"the Triton lowering needs a power-of-two head_dim >= 16, got {d}; "
+                     "backend='auto' uses the XLA reference for it")
   num_blocks = pl.cdiv(cap, block_size)
   num_splits = num_splits or _default_num_splits(b * kh, num_blocks, lowering)
   if not 0 < num_splits <= num_blocks:

@@ -189,3 +189,15 @@ def test_kernel_lowers_for_device(platform, lowering, marker, dtype, chunk):
   run = lambda *a: ragged_chunk_attention(*a, backend="pallas", interpret=False, lowering=lowering)
   lowered = jax.jit(run).trace(q, kc, kc, jnp.zeros((b, k), jnp.int32))
   assert marker in lowered.lower(lowering_platforms=(platform,)).as_text()
+
+
+def test_triton_refuses_shapes_it_cannot_tile_and_auto_would_route_them_away():
+  from pallas_kernels.ragged_decode_attention import _triton_fits, ragged_chunk_attention
+
+  assert _triton_fits(16, 64) and _triton_fits(4096, 128)
+  assert not _triton_fits(11, 64) and not _triton_fits(64, 80) and not _triton_fits(64, 96)
+  q = jnp.zeros((1, 1, 1, 1, 80), jnp.float32)
+  kv = jnp.zeros((1, 1, 32, 80), jnp.float32)
+  with pytest.raises(ValueError, match="power-of-two head_dim"):
+    ragged_chunk_attention(q, kv, kv, jnp.ones((1, 1), jnp.int32), backend="pallas", lowering="triton",
+                           interpret=True)
