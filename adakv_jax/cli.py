@@ -120,6 +120,7 @@ def cmd_generate(a) -> int:
       "live_cache_bytes": res.live_cache_bytes,
       "padding_overhead": round(res.padding_overhead, 4),
       "prefill_s": round(res.prefill_s, 4),
+      "compile_s": round(res.compile_s, 4),
       "decode_tokens_per_s": round(res.decode_tokens_per_s, 3),
       "notes": res.notes,
   }

@@ -22,6 +22,30 @@ from adakv_jax.cache import KVCache, CacheCapacityError
 from adakv_jax.config import ModelConfig
 
 
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compile_seconds = [0.0]
+
+
+def _on_duration(event: str, seconds: float, **_):
+  if event in _COMPILE_EVENTS:
+    _compile_seconds[0] += seconds
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+@contextlib.contextmanager
+def _stopwatch():
+  """Wall time of the block, split into (compile, run) with JAX's own compile-duration events."""
+  out = {}
+  c0, t0 = _compile_seconds[0], time.perf_counter()
+  yield out
+  out["compile_s"] = _compile_seconds[0] - c0
+  out["run_s"] = max(time.perf_counter() - t0 - out["compile_s"], 0.0)
+
+
 class PromptError(ValueError):
   """A prompt that cannot be run: empty, or longer than the model's context."""
 
@@ -68,7 +92,7 @@ class GenerationResult:
   cache_bytes: int  # allocated bytes of the cache that lives during decoding
   full_cache_bytes: int  # what an uncompressed cache for the same run would allocate
   live_cache_bytes: int  # bytes of live (kept) K/V entries right after prefill
-  prefill_s: float
+  prefill_s: float  # prefill run time, tracing and compilation excluded (those are compile_s)
   decode_s: float
   decode_tokens_per_s: float  # steady state: the first (compiling) decode step is not counted
   budgets: np.ndarray | None = None  # [layers, batch, heads] live entries per head after prefill
@@ -78,6 +102,7 @@ class GenerationResult:
   head_cap: int | None = None  # most prompt entries one head may keep (cap + window)
   answers: list[list[list[int]]] | None = None  # question-agnostic: [question][sequence] -> ids
   final_logits: np.ndarray | None = None  # logits that chose the first generated token [B, V]
+  compile_s: float = 0.0  # tracing + compilation of the prefill (0 when it was already compiled)
 
   @property
   def heads_at_cap(self) -> float | None:
@@ -190,16 +215,17 @@ def _generate(params, cfg, prompts, *, max_new_tokens, press, sampling, eos_toke
   key = jax.random.PRNGKey(seed)
   key, pkey = jax.random.split(key)
 
-  t0 = time.perf_counter()
-  logits, cache, info = model_lib.prefill(params, tokens, len_B, pkey, cfg=cfg, press=press,
-                                          capacity=capacity if press is not None else max(capacity, padded),
-                                          chunk=chunk, return_positions=return_positions)
-  if press is None and cache.capacity > capacity:  # drop prompt padding beyond the longest prompt
-    cache = cache.replace(k=cache.k[:, :, :, :capacity], v=cache.v[:, :, :, :capacity])
-  if mesh is not None:
-    cache = sharding.shard_cache(cache, mesh)
-  jax.block_until_ready(cache)
-  prefill_s = time.perf_counter() - t0
+  with _stopwatch() as clock:
+    prefill_capacity = capacity if press is not None else max(capacity, padded)
+    logits, cache, info = model_lib.prefill(params, tokens, len_B, pkey, cfg=cfg, press=press,
+                                            capacity=prefill_capacity, chunk=chunk,
+                                            return_positions=return_positions)
+    if press is None and cache.capacity > capacity:  # drop prompt padding beyond the longest prompt
+      cache = cache.replace(k=cache.k[:, :, :, :capacity], v=cache.v[:, :, :, :capacity])
+    if mesh is not None:
+      cache = sharding.shard_cache(cache, mesh)
+    jax.block_until_ready(cache)
+  prefill_s = clock["run_s"]
   live = cache.live_bytes()
   stats: dict = {}
 
@@ -244,6 +270,7 @@ def _generate(params, cfg, prompts, *, max_new_tokens, press, sampling, eos_toke
       head_cap=press.head_cap(cfg.num_layers, max(lens)) + press.window if press is not None else None,
       answers=answers,
       final_logits=np.asarray(logits) if questions is None else None,
+      compile_s=clock["compile_s"],
   )
 
 

@@ -7,7 +7,7 @@ min) ms/token. These are CPU numbers on a shared 2-core
 machine with the XLA backend (the Pallas kernels only run interpreted on CPU): they show the trend, not
 what an accelerator does.
 
-    python experiments/bench_efficiency.py                       # 512..8000 tokens, ~7 min on 2 cores
+    python experiments/bench_efficiency.py                       # 512..8000 tokens, ~5-8 min on 2 cores
     python experiments/bench_efficiency.py --lengths 512 1024    # a subset
     python experiments/bench_efficiency.py --quick
 """

@@ -4,7 +4,7 @@ Runs the library's `generate` (question-aware chat prompt, one new token) with a
 budget 128, at KV-head granularity (3 heads per layer) and query-head granularity (9 heads per layer), and
 records each head's kept entries (window included) and the retained attention mass per layer.
 
-    python experiments/budget_map.py           # ~3 min on 2 CPU cores
+    python experiments/budget_map.py           # ~1-1.5 min on 2 shared CPU cores
     python experiments/budget_map.py --quick
 """
 

@@ -11,7 +11,7 @@ Agnostic mode also reports the first answer token (after the question), which aw
 Per layer, the relative L2 error of the window queries' attention output over the kept keys against all
 keys (the quantity ADAKV_SPEC 2 bounds) is reported too.
 
-    python experiments/fidelity.py           # ~8 min on 2 shared CPU cores
+    python experiments/fidelity.py           # ~5-6.5 min on 2 shared CPU cores
     python experiments/fidelity.py --quick   # smoke run
 """
 

@@ -6,7 +6,7 @@ the key's digits appear in the answer. ADAKV_SPEC 7 warns that on a 135M model t
 gradient, so beside accuracy each configuration records how many (layer, KV-head) pairs kept every digit
 token of the key (of both mentions, and of at least one mention) -- the mechanism behind a lost key.
 
-    python experiments/needle.py           # ~5 min on 2 CPU cores
+    python experiments/needle.py           # ~1.5-3 min on 2 shared CPU cores
     python experiments/needle.py --quick
 """
 

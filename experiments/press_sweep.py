@@ -7,7 +7,7 @@ prompt file (chat template, question at the end) and checks the kept entries aga
 from the library's schedule, B'_0 <= 2B' - B'//20, B'_last >= B'//20, and the sum over layers exactly
 num_layers x H_kv x B.
 
-    python experiments/press_sweep.py           # ~12 min on 2 CPU cores (one model load per run)
+    python experiments/press_sweep.py           # ~6.5-8 min on 2 shared CPU cores (one model load per run)
     python experiments/press_sweep.py --quick
 """
 

@@ -394,8 +394,9 @@ def parse_args():
   p.add_argument("--out", default="ruler", help="results/<out>.json / .png")
   a = p.parse_args()
   if a.quick:
-    a.lengths, a.samples, a.tasks, a.ratios, a.short_gen = [512], 2, ["niah_single_1", "niah_multikey_2"], [0.7], True
-    a.out = "ruler_quick"
+    a.lengths, a.samples, a.ratios, a.short_gen = [512], 2, [0.7], True
+    a.tasks = ["niah_single_1", "niah_multikey_2"]  # vt and cwe need about 1K tokens
+    a.out = "ruler_quick" if a.out == "ruler" else a.out
   return a
 
 
@@ -444,8 +445,10 @@ class Runner:
 
     return None if name == "full" else make_press(name, compression_ratio=ratio)
 
-  def run(self, samples: list[dict], configs: list[tuple], gen_tokens: int, decode_batch: int):
-    """Generated ids per configuration per sample: out[config][sample]."""
+  def run(self, samples: list[dict], configs: list[tuple], gen_tokens: int, decode_batch: int,
+          presses: dict | None = None):
+    """Generated ids per configuration per sample: out[config][sample]. presses: {config: Press or None}
+    overrides the (mode, press name, compression_ratio) reading of the configurations."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -457,7 +460,7 @@ class Runner:
     full = [ctx + q for ctx, q in enc]
     tokens, len_full, chunk = c.pad_batch(full)
     len_ctx = jnp.asarray([len(ctx) for ctx, _ in enc], jnp.int32)
-    presses = {cf: self.press(cf[1], cf[2]) for cf in configs}
+    presses = presses or {cf: self.press(cf[1], cf[2]) for cf in configs}
     colsum = any(p is not None and p.needs_colsum for p in presses.values())
     t0 = time.perf_counter()
     logits, per_layer = capture_two_windows(self.params, tokens, len_full, len_ctx, cfg=self.cfg, chunk=chunk,
@@ -605,36 +608,45 @@ def _capture_two_windows(*args, **kwargs):
 
 
 def verify(runner: Runner, sample: dict, gen_tokens: int) -> list[dict]:
-  """The batched path against generate() on one sample: identical greedy tokens expected."""
-  from adakv_jax.generation import generate
+  """The batched path against generate() on one sample: identical greedy tokens expected.
 
-  checks = [("aware", "snapkv", 0.5), ("aware", "ada-snapkv", 0.7), ("agnostic", "ada-snapkv", 0.7),
-            ("agnostic", "full", None)]
-  ours = runner.run([sample], checks, gen_tokens, decode_batch=len(checks))
+  Ada-SnapKV is checked in budget mode (B = half the prompt): in ratio mode generate() itself can
+  overflow its cache (the library's per-head cap comes from the padded length; README_paper.md).
+  """
+  from adakv_jax.generation import generate
+  from adakv_jax.press import make_press
+
   ctx, q = runner.encode(sample)
+  half = (len(ctx) + len(q)) // 2
+  presses = {("aware", "snapkv", 0.5): make_press("snapkv", compression_ratio=0.5),
+             ("aware", "ada-snapkv", f"B={half}"): make_press("ada-snapkv", budget=half),
+             ("agnostic", "ada-snapkv", f"B={half}"): make_press("ada-snapkv", budget=half),
+             ("agnostic", "full", None): None}
+  checks = list(presses)
+  ours = runner.run([sample], checks, gen_tokens, decode_batch=len(checks), presses=presses)
   rows = []
   for cf, mine in zip(checks, ours):
-    press = runner.press(cf[1], cf[2])
+    label = config_label(cf) if not isinstance(cf[2], str) else f"{cf[0]}/{cf[1]} {cf[2]}"
     try:
       if cf[0] == "aware":
-        ref = generate(runner.params, runner.cfg, [ctx + q], max_new_tokens=gen_tokens, press=press,
+        ref = generate(runner.params, runner.cfg, [ctx + q], max_new_tokens=gen_tokens, press=presses[cf],
                        eos_token_ids=tuple(runner.eos), backend="xla").token_ids[0]
       else:
-        ref = generate(runner.params, runner.cfg, [ctx], max_new_tokens=gen_tokens, press=press,
+        ref = generate(runner.params, runner.cfg, [ctx], max_new_tokens=gen_tokens, press=presses[cf],
                        eos_token_ids=tuple(runner.eos), questions=[q], backend="xla").answers[0][0]
-    except Exception as e:  # noqa: BLE001 -- ratio-mode head cap from the padded length (README_paper.md)
+    except Exception as e:  # noqa: BLE001 -- see the docstring
       if "capacity exhausted" not in str(e):  # arrives wrapped in a JaxRuntimeError (debug callback)
         raise
       msg = re.search(r"KV cache capacity exhausted[^;]*", str(e))
-      rows.append({"config": config_label(cf), "equal": None, "generate_error": msg.group(0) if msg else "",
+      rows.append({"config": label, "equal": None, "generate_error": msg.group(0) if msg else "",
                    "ours": runner.tok.decode(mine[0])})
-      print(f"verify {config_label(cf)}: generate() raised CacheCapacityError")
+      print(f"verify {label}: generate() raised CacheCapacityError")
       continue
     ref = [t for t in ref if t not in runner.eos]
     agree = next((i for i, (x, y) in enumerate(zip(mine[0], ref)) if x != y), min(len(mine[0]), len(ref)))
-    rows.append({"config": config_label(cf), "equal": mine[0] == ref, "agreeing_prefix": agree,
+    rows.append({"config": label, "equal": mine[0] == ref, "agreeing_prefix": agree,
                  "ours": runner.tok.decode(mine[0]), "generate": runner.tok.decode(ref)})
-    print(f"verify {config_label(cf)}: {'identical' if mine[0] == ref else f'first {agree} tokens agree'}")
+    print(f"verify {label}: {'identical' if mine[0] == ref else f'first {agree} tokens agree'}")
   return rows
 
 
@@ -643,7 +655,9 @@ def main():
   if a.replot:
     import common
 
-    plot(common.read_json(a.out), a.out)
+    payload = common.read_json(a.out)
+    print_summary(payload["summary"], sorted({s["length"] for s in payload["summary"]}))
+    plot(payload, a.out)
     return
   import common
   from tqdm import tqdm
@@ -704,9 +718,10 @@ def print_summary(summary: list[dict], lengths: list[int]) -> None:
   for length in lengths:
     part = [s for s in summary if s["length"] == length]
     tasks = list(part[0]["tasks"]) if part else []
+    short = {t: t.replace("niah_", "") for t in tasks}
     print(f"\nRULER {length} tokens, score per task (%), string-match recall")
-    common.print_table([{"config": s["config"], **{t[:14]: s["tasks"][t] for t in tasks},
-                         "avg": s["average"]} for s in part], ["config", *[t[:14] for t in tasks], "avg"])
+    common.print_table([{"config": s["config"], **{short[t]: s["tasks"][t] for t in tasks},
+                         "avg": s["average"]} for s in part], ["config", *short.values(), "avg"])
 
 
 def plot(payload: dict, name: str) -> None:

@@ -1,5 +1,6 @@
-"""The paper-reproduction scripts' scoring (experiments/metrics.py) and RULER generator
-(experiments/ruler.py), on hand-worked examples. No model is loaded."""
+"""The paper-reproduction scripts' scoring (experiments/metrics.py), RULER generator
+(experiments/ruler.py) and LongBench prompt building (experiments/longbench.py), on hand-worked
+examples. No model is loaded."""
 
 import re
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import longbench  # noqa: E402
 import metrics  # noqa: E402
 import ruler  # noqa: E402
 
@@ -184,3 +186,50 @@ def test_cwe_and_fwe_answers_are_the_most_frequent_words(samples):
     ranked = [w for w, _ in counts.most_common()]
     assert ranked[0] == "..." and ranked[1:4] == s["outputs"]
     assert counts[ranked[3]] > counts[ranked[4]]  # no tie at the cut
+
+
+# ---- LongBench prompts -----------------------------------------------------------------------------
+
+
+class WordTok:
+  """A stand-in tokenizer: one token per word with its leading whitespace; "<s>" as BOS."""
+
+  chat_template = "user-turn"
+
+  def encode(self, text, add_special_tokens=True):
+    return (["<s>"] if add_special_tokens else []) + re.findall(r"\s*\S+|\s+$", text)
+
+  def decode(self, ids, skip_special_tokens=True):
+    return "".join(t for t in ids if not (skip_special_tokens and t == "<s>"))
+
+  def apply_chat_template(self, messages):
+    return f"<user>{messages[0]['content']}</user><bot>"
+
+
+def test_middle_truncation_keeps_both_ends():
+  tok = WordTok()
+  prompt = " ".join(f"w{i}" for i in range(20))
+  out, cut = longbench.truncate_middle(tok, prompt, 8)  # 21 tokens with BOS: keep 4 + 4
+  assert cut and out == "w0 w1 w2 w16 w17 w18 w19"  # BOS skipped; the halves joined as text
+  assert longbench.truncate_middle(tok, "a b", 8) == ("a b", False)
+
+
+def test_question_agnostic_split_rebuilds_the_aware_prompt():
+  tok = WordTok()
+  ex = {"context": "The capital of Freedonia is Fredville.", "input": "What is the capital?", "_id": "x"}
+  aware = longbench.build_prompt(tok, "hotpotqa", ex, 1000, agnostic=False)
+  split = longbench.build_prompt(tok, "hotpotqa", ex, 1000, agnostic=True)
+  assert tok.decode(aware["ids"]) == tok.decode(split["ctx"] + split["q"])
+  assert tok.decode(split["ctx"]).endswith("Fredville.") and "What is the capital?" in tok.decode(split["q"])
+  assert tok.decode(split["q"]).endswith("Answer:</user><bot>")
+  raw = longbench.build_prompt(tok, "trec", {"context": "Q: a\nType: b", "input": "Q: c\nType:"}, 1000, False)
+  assert raw["ids"][0] == "<s>" and "<user>" not in tok.decode(raw["ids"])  # few-shot sets skip the chat
+  none = longbench.build_prompt(tok, "hotpotqa", ex, 1000, agnostic=False, chat="none")
+  assert "<user>" not in tok.decode(none["ids"])
+
+
+def test_predictions_resume_by_id(tmp_path):
+  path = tmp_path / "preds.jsonl"
+  path.write_text('{"_id": "a", "pred": "x", "answers": ["x"]}\n{"_id": "b", "pr')  # cut short
+  assert longbench.done_ids(path) == {"a"}
+  assert [r["_id"] for r in longbench.read_preds(path)] == ["a"]
