@@ -154,6 +154,8 @@ def cmd_generate(a) -> int:
 
 
 def main(argv=None) -> int:
+  import jax
+
   from adakv_jax.cache import CacheCapacityError
 
   a = _parser().parse_args(argv)
@@ -164,6 +166,11 @@ def main(argv=None) -> int:
       return cmd_convert(a)
   except (ValueError, OSError, CacheCapacityError) as e:  # our errors carry the explanation
     print(f"error: {e}", file=sys.stderr)
+    return 2
+  except jax.errors.JaxRuntimeError as e:  # a capacity guard fired inside a jitted step
+    if "capacity exhausted" not in str(e):
+      raise
+    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2
   return 1
 

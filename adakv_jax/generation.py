@@ -204,9 +204,10 @@ def _generate(params, cfg, prompts, *, max_new_tokens, press, sampling, eos_toke
   padded = -(-max(lens) // chunk) * chunk
   extra = q_max + max_new_tokens
   if press is None:
-    capacity = max(lens) + extra
+    capacity = padded + extra  # bucketed with the prompt: one compiled decode step per bucket
   else:
     capacity = press.capacity(cfg.num_layers, max(lens), extra)
+  head_cap = press.head_cap(cfg.num_layers, max(lens)) if press is not None else None
   tokens = jnp.asarray(_pad_batch(prompts, padded))
   len_B = jnp.asarray(lens, jnp.int32)
   if mesh is not None:
@@ -216,12 +217,9 @@ def _generate(params, cfg, prompts, *, max_new_tokens, press, sampling, eos_toke
   key, pkey = jax.random.split(key)
 
   with _stopwatch() as clock:
-    prefill_capacity = capacity if press is not None else max(capacity, padded)
     logits, cache, info = model_lib.prefill(params, tokens, len_B, pkey, cfg=cfg, press=press,
-                                            capacity=prefill_capacity, chunk=chunk,
+                                            capacity=capacity, chunk=chunk, head_cap=head_cap,
                                             return_positions=return_positions)
-    if press is None and cache.capacity > capacity:  # drop prompt padding beyond the longest prompt
-      cache = cache.replace(k=cache.k[:, :, :, :capacity], v=cache.v[:, :, :, :capacity])
     if mesh is not None:
       cache = sharding.shard_cache(cache, mesh)
     jax.block_until_ready(cache)
@@ -267,7 +265,7 @@ def _generate(params, cfg, prompts, *, max_new_tokens, press, sampling, eos_toke
       retained_mass=np.asarray(info["retained_mass"]) if press is not None else None,
       positions=np.asarray(info["positions"]) if return_positions and press is not None else None,
       notes=notes,
-      head_cap=press.head_cap(cfg.num_layers, max(lens)) + press.window if press is not None else None,
+      head_cap=head_cap + press.window if press is not None else None,
       answers=answers,
       final_logits=np.asarray(logits) if questions is None else None,
       compile_s=clock["compile_s"],

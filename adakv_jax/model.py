@@ -149,13 +149,18 @@ def _window_queries(q_BHLD, len_B, window: int):
   return jnp.take_along_axis(q_BHLD, idx_BW[:, None, :, None], axis=2)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "press", "capacity", "chunk", "return_positions"))
+@functools.partial(jax.jit, static_argnames=("cfg", "press", "capacity", "chunk", "return_positions",
+                                             "head_cap"))
 def prefill(params: Params, tokens_BL: jax.Array, len_B: jax.Array, rng: jax.Array, *, cfg: ModelConfig,
-            press=None, capacity: int, chunk: int, return_positions: bool = False):
+            press=None, capacity: int, chunk: int, return_positions: bool = False,
+            head_cap: int | None = None):
   """Prefill a right-padded batch; returns (last-token logits [B, V], KVCache, info).
 
   With a press, each layer's K/V are compressed right after that layer's attention, so only one layer's
   full K/V is alive at a time and the cache that leaves this function is the compressed one.
+  capacity: entries per head; with a press, press.capacity(num_layers, max_prompt_len, extra) and
+  head_cap = press.head_cap(num_layers, max_prompt_len) for the longest real prompt (default: sized on
+  the padded length, which in ratio mode can leave no room past the prompt).
   """
   b, l = tokens_BL.shape
   pos_BL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
@@ -180,7 +185,8 @@ def prefill(params: Params, tokens_BL: jax.Array, len_B: jax.Array, rng: jax.Arr
     k_c, v_c, lengths, info = press_lib.compress_layer(
         press, cfg, q_win_BHWD=_window_queries(q, len_B, press.window), k_BKLD=k, v_BKLD=v,
         prompt_len_B=len_B, budget_B=budget_B, colsum_BHL=colsum, rng=jax.random.fold_in(rng, i),
-        capacity=capacity, return_positions=return_positions)
+        capacity=capacity, head_cap=head_cap,
+        return_positions=return_positions)
     return x, (k_c, v_c, lengths, info)
 
   xs = (params["layers"], budgets_LB, jnp.arange(cfg.num_layers))

@@ -167,6 +167,8 @@ def parse_args(argv=None):
   p.add_argument("--pred-dir", type=Path, help="default results/longbench_preds/<model>/<mode>")
   p.add_argument("--out", type=Path, help="default results/longbench_<model>[_agnostic].json")
   p.add_argument("--score-only", action="store_true", help="score the existing predictions")
+  p.add_argument("--jax-cache-dir", type=Path, help="persistent XLA compilation cache: a resumed run reuses "
+                 "the compiled prefill / decode shapes instead of compiling them again")
   p.add_argument("--selftest", action="store_true", help="synthetic data in a temp dir, end to end")
   a = p.parse_args(argv)
   if not a.selftest and a.data_dir is None:
@@ -415,6 +417,10 @@ def run(a, model=None) -> dict:
   t0 = time.perf_counter()
   ran = 0
   if not a.score_only:
+    if a.jax_cache_dir is not None:
+      import jax
+
+      jax.config.update("jax_compilation_cache_dir", str(a.jax_cache_dir))
     model = model or common.load(a.model, dtype=a.dtype)
     ran = predict(a, model)
   table = score_all(a)

@@ -20,7 +20,7 @@ context; `experiments/common.py`'s compress then runs the library's own compress
 Every configuration's cache is then decoded in shared batches. `--verify` checks this path against
 adakv_jax.generation.generate on one sample.
 
-    python experiments/ruler.py --lengths 1024 --samples 5 --short-gen   # the CPU grid (~12 min, 2 cores)
+    python experiments/ruler.py --lengths 1024 --samples 5 --short-gen   # the CPU grid (~15 min, 2 cores)
     python experiments/ruler.py --quick                                   # smoke run
     python experiments/ruler.py --replot
 """
@@ -490,7 +490,7 @@ class Runner:
         cache = self._cache(cap, len_full, press, capacity)
         states.append((first_aware, cache))
         continue
-      # question-agnostic: the context's own window and the padded length generate() would use
+      # question-agnostic: the window queries that end the context, K/V up to the longest context
       cap = {"q_win": per_layer["q_win_ctx"], "k": per_layer["k"][:, :, :, :max_ctx],
              "v": per_layer["v"][:, :, :, :max_ctx]}
       if press is not None and press.needs_colsum:  # H2O sums attention over the context's queries only

@@ -147,3 +147,15 @@ def test_a_tight_cap_binds_and_is_reported():
   assert tight.heads_at_cap == 1.0  # cap = mean budget: every head is exactly at it (uniform)
   assert loose.heads_at_cap < 1.0 and loose.budgets.max() > tight.budgets.max()
   assert tight.cache_bytes < loose.cache_bytes
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.7])
+def test_ratio_mode_leaves_room_to_decode_when_the_prompt_is_padded(ratio):
+  """The per-head cap is sized on the longest real prompt, not the padded one (100 -> 128 here)."""
+  cfg, params = tiny_model()
+  prompts = random_prompts([100, 61], seed=10)
+  press = make_press("ada-snapkv", compression_ratio=ratio, window=8)
+  res = gen.generate(params, cfg, prompts, max_new_tokens=6, press=press, backend="xla")
+  assert [len(t) for t in res.token_ids] == [6, 6]
+  kept = int(100 * (1 - ratio))
+  assert res.budgets[:, 0].sum(-1).tolist() == [cfg.num_kv_heads * kept] * cfg.num_layers

@@ -192,7 +192,8 @@ class Press:
 
 def compress_layer(press: Press, cfg, *, q_win_BHWD: jax.Array, k_BKLD: jax.Array, v_BKLD: jax.Array,
                    prompt_len_B: jax.Array, budget_B: jax.Array, colsum_BHL: jax.Array | None = None,
-                   rng: jax.Array | None = None, capacity: int, return_positions: bool = False):
+                   rng: jax.Array | None = None, capacity: int, head_cap: int | None = None,
+                   return_positions: bool = False):
   """Compresses one layer's prompt K/V: (k_c_BHCD, v_c_BHCD, lengths_BH, info).
 
   budget_B: this layer's row of press.layer_budgets (incl. window). capacity: static, normally
@@ -219,7 +220,10 @@ def compress_layer(press: Press, cfg, *, q_win_BHWD: jax.Array, k_BKLD: jax.Arra
   scores_BHL = scorers.finish_scores(raw_BHL, prefix_BL, press)
 
   bp_B = jnp.maximum(jnp.asarray(budget_B, jnp.int32).reshape(b) - w, 0)
-  cap = min(press.head_cap(cfg.num_layers, n), max(capacity - w, 0))
+  # head_cap: the static cap the caller sized `capacity` with (press.head_cap at the longest REAL
+  # prompt); the padded length n would give more in ratio mode and eat the room left for decoding.
+  cap = press.head_cap(cfg.num_layers, n) if head_cap is None else head_cap
+  cap = min(cap, max(capacity - w, 0))
   if press.allocation == "uniform":
     mode = "uniform"
   else:
