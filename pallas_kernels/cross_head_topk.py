@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -185,6 +186,30 @@ def _topk_triton(key_BHN, total_B, floor_B, cap, interpret):
       name="cross_head_topk_triton",
   )(total_B, floor_B, key_BHN)
   return keep[:, :h, :n]
+
+
+def greedy_oracle(s_HN, total, floor, cap):
+  """The allocation rule as the spec states it, in plain numpy: reserve each head's best `floor`, then
+  take entries in (score desc, position, head) order while the total lasts, skipping full heads."""
+  h, n = s_HN.shape
+  cap = min(cap, n)
+  floor = min(floor, cap)
+  bits = s_HN.astype(np.float32).view(np.int32).astype(np.int64)
+  key = np.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # IEEE total order, as lax.top_k: -0.0 < +0.0
+  keep = np.zeros((h, n), bool)
+  for i in range(h):
+    order = sorted(range(n), key=lambda j: (-key[i, j], j))
+    best = [j for j in order if s_HN[i, j] > -np.inf][:max(floor, 0)]
+    keep[i, best] = True
+  left = max(total - keep.sum(), 0)
+  for j, i in sorted(((j, i) for i in range(h) for j in range(n)),
+                     key=lambda ji: (-key[ji[1], ji[0]], ji[0], ji[1])):
+    if left == 0:
+      break
+    if not keep[i, j] and s_HN[i, j] > -np.inf and keep[i].sum() < cap:
+      keep[i, j] = True
+      left -= 1
+  return keep
 
 
 # Largest H * N (N rounded up to a power of two) that `auto` sends to the kernel: a TPU program holds

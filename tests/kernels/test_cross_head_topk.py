@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels.cross_head_topk import cross_head_topk, cross_head_topk_reference
+from pallas_kernels.cross_head_topk import greedy_oracle as _greedy_oracle
 
 B, H, N = 4, 3, 20
 TIE_VALUES = np.array([0.5, 0.25, 0.0, -0.0, -1.0, -np.inf], np.float32)
@@ -28,30 +29,6 @@ def _kernel(cap, lowering):
 @functools.cache
 def _reference(cap):
   return jax.jit(lambda s, t, f: cross_head_topk_reference(s, t, f, cap))
-
-
-def _greedy_oracle(s_HN, total, floor, cap):
-  """The allocation rule as the spec states it, in plain numpy: reserve each head's best `floor`, then
-  take entries in (score desc, position, head) order while the total lasts, skipping full heads."""
-  h, n = s_HN.shape
-  cap = min(cap, n)
-  floor = min(floor, cap)
-  bits = s_HN.astype(np.float32).view(np.int32).astype(np.int64)
-  key = np.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # IEEE total order, as lax.top_k: -0.0 < +0.0
-  keep = np.zeros((h, n), bool)
-  for i in range(h):
-    order = sorted(range(n), key=lambda j: (-key[i, j], j))
-    best = [j for j in order if s_HN[i, j] > -np.inf][:max(floor, 0)]
-    keep[i, best] = True
-  left = max(total - keep.sum(), 0)
-  for j, i in sorted(((j, i) for i in range(h) for j in range(n)),
-                     key=lambda ji: (-key[ji[1], ji[0]], ji[0], ji[1])):
-    if left == 0:
-      break
-    if not keep[i, j] and s_HN[i, j] > -np.inf and keep[i].sum() < cap:
-      keep[i, j] = True
-      left -= 1
-  return keep
 
 
 def _check(scores, total, floor, cap, lowering="tpu"):
