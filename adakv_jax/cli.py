@@ -142,9 +142,9 @@ def cmd_generate(a) -> int:
     print(f"note: {n}", file=sys.stderr)
   if res.answers is not None:
     for item in out["answers"]:
-      print(f"Q: {item['question']}\nA: {item['text']}\n")
+      print(f"Q: {item['question']}\nA: {item['text']}\n", flush=True)
   else:
-    print(out["text"])
+    print(out["text"], flush=True)
   saved = 1 - res.cache_bytes / res.full_cache_bytes
   print(f"[{res.prompt_tokens[0]} prompt tokens | cache {res.cache_bytes / 2**20:.2f} MiB vs full "
         f"{res.full_cache_bytes / 2**20:.2f} MiB ({saved:+.1%} saved), padding overhead "
