@@ -8,7 +8,6 @@ kernels, which XLA cannot partition, run per shard under `jax.shard_map` (see ke
 from __future__ import annotations
 
 import jax
-import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from adakv_jax.cache import KVCache
@@ -105,6 +104,3 @@ def kernel_shard_map(fn, *, in_axes, out_axes):
   return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(a) for a in in_axes), out_specs=spec(out_axes),
                        check_vma=False)
 
-
-def describe(mesh) -> dict:
-  return {"shape": dict(mesh.shape), "devices": int(np.prod(list(mesh.shape.values())))}
