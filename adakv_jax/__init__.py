@@ -7,7 +7,7 @@
 
 __version__ = "0.1.0"
 
-from adakv_jax.cache import CacheCapacityError, KVCache
+from adakv_jax.cache import CacheCapacityError, CachePlan, PagedKVCache, plan_cache
 from adakv_jax.config import ConfigError, ModelConfig, RopeScaling
 from adakv_jax.generation import GenerationResult, PromptError, Sampling, decode_step, generate
 from adakv_jax.model import append, forward_full, init_params, prefill

@@ -1,7 +1,8 @@
-"""Generation over token ids: prefill (full or compressed), then a jitted, cache-donating decode loop.
+"""Generation over token ids: prefill into a paged cache (full or compressed), then decoding on device.
 
-The Python loop only feeds tokens and checks for EOS; all model state lives in the KVCache pytree that
-each step takes in and hands back.
+The decode loop is one jitted `lax.while_loop` (`decode_loop`): sampling, EOS and the step budget live on
+device, and the host sees tokens only when a loop returns (once, or once per `stream_every` tokens for
+streaming). All model state is in the PagedKVCache pytree that each call takes in and hands back.
 """
 
 from __future__ import annotations
@@ -9,18 +10,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from adakv_jax import model as model_lib
 from adakv_jax import sharding
-from adakv_jax.cache import KVCache, CacheCapacityError
+from adakv_jax.cache import DEFAULT_PAGE_SIZE, CacheCapacityError, PagedKVCache, plan_cache
 from adakv_jax.config import ModelConfig
-
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -47,7 +49,11 @@ def _stopwatch():
 
 
 class PromptError(ValueError):
-  """A prompt that cannot be run: empty, or longer than the model's context."""
+  """A prompt that cannot be run: empty, with ids outside the vocabulary, or longer than the context."""
+
+
+def _is_real(x) -> bool:
+  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +62,10 @@ class Sampling:
   top_p: float = 1.0
 
   def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+      raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+    if not _is_real(self.top_p) or not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p must be a finite number in (0, 1], got {self.top_p!r}")
 
 
 def sample(logits_BV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
@@ -77,43 +83,105 @@ def sample(logits_BV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Arra
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "backend"), donate_argnames=("cache",))
-def decode_step(params, tokens_B: jax.Array, cache: KVCache, key: jax.Array, *, cfg: ModelConfig,
+def decode_step(params, tokens_B: jax.Array, cache: PagedKVCache, key: jax.Array, *, cfg: ModelConfig,
                 sampling: Sampling, backend: str = "auto"):
-  """One token per sequence -> (next token [B], logits [B, V], new cache)."""
-  logits, cache = model_lib.append(params, tokens_B[:, None], jnp.ones_like(tokens_B), cache, cfg=cfg,
-                                   backend=backend)
+  """One token per sequence -> (next token [B], logits [B, V], new cache). Does not check the room
+  (cache.check_room does): a step past a head's pages drops its write."""
+  logits, cache = model_lib.append_step(params, tokens_B[:, None], jnp.ones_like(tokens_B), cache, cfg=cfg,
+                                        backend=backend)
   return sample(logits, key, sampling), logits, cache
+
+
+# ---- the decode loop on device --------------------------------------------------------------------------
+
+
+@struct.dataclass
+class DecodeState:
+  """Everything a decode loop carries: resumable, so a stream is several loops over one state."""
+
+  tokens_BS: jax.Array  # [B, S] generated ids (S = the most this state can generate), 0 past count_B
+  count_B: jax.Array  # [B] tokens generated so far (the first one included)
+  last_B: jax.Array  # [B] the token to feed next
+  done_B: jax.Array  # [B] bool: EOS generated or the step budget spent
+  cache: PagedKVCache
+  key: jax.Array
+
+
+def start_decode(first_B: jax.Array, cache: PagedKVCache, key: jax.Array, max_new_tokens: int,
+                 eos_ids: Sequence[int]) -> DecodeState:
+  """The state after the first generated token (sampled from prefill's or the question's logits)."""
+  b = first_B.shape[0]
+  tokens = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first_B)
+  done = jnp.isin(first_B, jnp.asarray(list(eos_ids) or [-1], jnp.int32)) | (max_new_tokens <= 1)
+  return DecodeState(tokens_BS=tokens, count_B=jnp.ones((b,), jnp.int32), last_B=first_B, done_B=done,
+                     cache=cache, key=key)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "eos_ids", "steps", "backend"),
+                   donate_argnames=("state",))
+def decode_loop(params, state: DecodeState, *, cfg: ModelConfig, sampling: Sampling,
+                eos_ids: tuple[int, ...], steps: int, backend: str = "auto") -> DecodeState:
+  """Up to `steps` decode steps on device, stopping early once every sequence is done.
+
+  A done sequence keeps stepping with its last token while others run (its writes land in room reserved
+  for it and its outputs are discarded), so the batch stays one static shape.
+  """
+  eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+  limit = state.tokens_BS.shape[1]
+
+  def cond(carry):
+    i, st = carry
+    return (i < steps) & ~jnp.all(st.done_B)
+
+  def body(carry):
+    i, st = carry
+    key, sub = jax.random.split(st.key)
+    logits, cache = model_lib.append_step(params, st.last_B[:, None], jnp.ones_like(st.last_B), st.cache,
+                                          cfg=cfg, backend=backend)
+    tok = sample(logits, sub, sampling)
+    live = ~st.done_B
+    b = jnp.arange(tok.shape[0])
+    tokens = st.tokens_BS.at[b, jnp.minimum(st.count_B, limit - 1)].set(
+        jnp.where(live, tok, st.tokens_BS[b, jnp.minimum(st.count_B, limit - 1)]))
+    count = st.count_B + live.astype(jnp.int32)
+    done = st.done_B | (live & jnp.isin(tok, eos)) | (count >= limit)
+    last = jnp.where(live, tok, st.last_B)
+    return i + 1, st.replace(tokens_BS=tokens, count_B=count, last_B=last, done_B=done, cache=cache, key=key)
+
+  _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
+  return state
+
+
+# ---- generate -------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class GenerationResult:
   token_ids: list[list[int]]  # generated ids per sequence (EOS included when hit)
   prompt_tokens: list[int]
-  cache_bytes: int  # allocated bytes of the cache that lives during decoding
-  full_cache_bytes: int  # what an uncompressed cache for the same run would allocate
-  live_cache_bytes: int  # bytes of live (kept) K/V entries right after prefill
+  cache_bytes: int  # K/V bytes allocated by the cache that lives during decoding (every pool page)
+  kept_bytes: int  # K/V bytes of the entries prefill kept
+  decode_room_bytes: int  # K/V bytes reserved for the tokens still to come (questions + new tokens)
+  full_cache_bytes: int  # what the uncompressed cache of the same run allocates in the same layout
+  page_size: int
+  pages_used: int  # pages the heads own after prefill
+  pages_allocated: int  # pages in the pools
   prefill_s: float  # prefill run time, tracing and compilation excluded (those are compile_s)
   decode_s: float
-  decode_tokens_per_s: float  # steady state: the first (compiling) decode step is not counted
-  budgets: np.ndarray | None = None  # [layers, batch, heads] live entries per head after prefill
+  decode_tokens_per_s: float  # generated tokens per second of decode-loop run time (compile excluded)
+  budgets: np.ndarray | None = None  # [layers, batch, heads] kept entries per head after prefill
   retained_mass: np.ndarray | None = None  # [layers, batch]
-  positions: np.ndarray | None = None  # [layers, batch, heads, capacity], -1 = padding
+  positions: np.ndarray | None = None  # [layers, batch, heads, C] kept prompt positions, -1 = none
   notes: list[str] = dataclasses.field(default_factory=list)
-  head_cap: int | None = None  # most prompt entries one head may keep (cap + window)
   answers: list[list[list[int]]] | None = None  # question-agnostic: [question][sequence] -> ids
   final_logits: np.ndarray | None = None  # logits that chose the first generated token [B, V]
-  compile_s: float = 0.0  # tracing + compilation of the prefill (0 when it was already compiled)
-
-  @property
-  def heads_at_cap(self) -> float | None:
-    """Fraction of (layer, sequence, head) budgets that hit the cap: high means the cap binds."""
-    if self.budgets is None or self.head_cap is None:
-      return None
-    return float(np.mean(self.budgets >= self.head_cap))
+  compile_s: float = 0.0  # tracing + compilation of prefill and decode (0 when already compiled)
+  press: object = None  # the press that ran (head_groups set by a mesh)
 
   @property
   def padding_overhead(self) -> float:
-    return self.cache_bytes / max(self.live_cache_bytes, 1)
+    """Allocated K/V bytes over what the run needs: kept entries plus the reserved decode room."""
+    return self.cache_bytes / max(self.kept_bytes + self.decode_room_bytes, 1)
 
 
 def _pad_batch(prompts: Sequence[Sequence[int]], length: int) -> np.ndarray:
@@ -123,91 +191,116 @@ def _pad_batch(prompts: Sequence[Sequence[int]], length: int) -> np.ndarray:
   return out
 
 
-def full_cache_bytes(cfg: ModelConfig, batch: int, tokens: int) -> int:
+def check_token_ids(seqs: Sequence[Sequence[int]], vocab_size: int, what: str = "prompt") -> None:
+  """Ids must be integers in [0, vocab): an embedding lookup would silently clamp anything else."""
+  for i, seq in enumerate(seqs):
+    arr = np.asarray(seq)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+      raise PromptError(f"{what} {i} must be a flat list of integer token ids, got {type(seq).__name__} of "
+                        f"dtype {arr.dtype}")
+    bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
+    if bad.size:
+      j = int(bad[0])
+      raise PromptError(f"{what} {i}, position {j}: token id {int(arr[j])} is outside the vocabulary "
+                        f"[0, {vocab_size}) ({bad.size} such id(s))")
+
+
+def _check_count(name: str, value, low: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+    raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+  return int(value)
+
+
+def _question_rounds(questions, batch: int) -> list[list[list[int]]] | None:
+  """Each round: one id list shared by every sequence, or one list per sequence -> [B][ids]."""
+  if questions is None:
+    return None
+  if len(questions) == 0:
+    raise PromptError("question-agnostic mode needs at least one question")
+  rounds = []
+  for r, q in enumerate(questions):
+    per_seq = len(q) > 0 and not isinstance(q[0], (int, np.integer))
+    qs = [list(x) for x in q] if per_seq else [list(q)] * batch
+    if len(qs) != batch:
+      raise PromptError(f"question {r} has {len(qs)} per-sequence questions for {batch} sequences")
+    if any(len(x) == 0 for x in qs):
+      raise PromptError(f"question {r} is empty")
+    rounds.append(qs)
+  return rounds
+
+
+def full_cache_bytes(cfg: ModelConfig, prompt_lens: Sequence[int], room: int, page_size: int) -> int:
+  """K/V bytes the uncompressed paged cache of these prompts allocates (the same layout as any press)."""
+  pages = sum(-(-(n + room) // page_size) for n in prompt_lens)
   itemsize = jnp.dtype(model_lib.dtype_of(cfg)).itemsize
-  return 2 * cfg.num_layers * batch * cfg.num_kv_heads * tokens * cfg.head_dim * itemsize
-
-
-def _decode(params, cfg, first_B, cache, key, steps, sampling, eos, backend, stats, progress=False):
-  """Greedy/sampled continuation from `first_B` for up to `steps` tokens in total (first included)."""
-  from tqdm.auto import tqdm
-
-  b = first_B.shape[0]
-  bar = tqdm(total=steps, desc="decode", unit="tok", disable=not progress, leave=False)
-  bar.update(1)
-  out = [[int(t)] for t in np.asarray(first_B)]
-  done = np.array([t in eos for t in np.asarray(first_B)])
-  tok = first_B
-  t0, n = None, 0  # the clock starts after the first step, which may include compilation
-  for _ in range(steps - 1):
-    if done.all():
-      break
-    key, sub = jax.random.split(key)
-    tok, _, cache = decode_step(params, tok, cache, sub, cfg=cfg, sampling=sampling, backend=backend)
-    host = np.asarray(tok)  # syncs: the step is done
-    if t0 is None:
-      t0 = time.perf_counter()
-    else:
-      n += 1
-    bar.update(1)
-    for i in range(b):
-      if not done[i]:
-        out[i].append(int(host[i]))
-        done[i] = int(host[i]) in eos
-  bar.close()
-  if t0 is not None:
-    stats["decode_s"] = stats.get("decode_s", 0.0) + time.perf_counter() - t0
-  stats["decode_steps"] = stats.get("decode_steps", 0) + n * b
-  return out, cache
+  return 2 * cfg.num_layers * cfg.num_kv_heads * pages * page_size * cfg.head_dim * itemsize
 
 
 def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
              press=None, sampling: Sampling = Sampling(), eos_token_ids: Sequence[int] | None = None,
-             questions: Sequence[Sequence[int]] | None = None, return_positions: bool = False,
-             backend: str = "auto", seed: int = 0, mesh=None, progress: bool = False) -> GenerationResult:
+             questions=None, return_positions: bool = False, backend: str = "auto", seed: int = 0,
+             mesh=None, page_size: int = DEFAULT_PAGE_SIZE, trim: bool = True, progress: bool = False,
+             on_tokens: Callable[[list[list[int]]], None] | None = None,
+             stream_every: int = 16) -> GenerationResult:
   """Runs a batch of prompts (any lengths) with an optional press.
 
   questions=None: question-aware (whatever question there is sits at the end of each prompt).
   questions=[q1, q2, ...]: question-agnostic: prefill and compress the prompts alone, then for each
-  question roll every head back to its compressed context length, append the question and decode.
-  mesh: run SPMD over a ("data", "model") mesh (see adakv_jax.sharding; shard the params with
-  sharding.shard_params first): sequences split over "data", heads over "model".
+  question roll every head back to its compressed context, append the question and decode. A question
+  is one id list for every sequence, or a list of per-sequence id lists.
+  mesh: run SPMD over a ("data", "model") mesh (shard the params with sharding.shard_params first):
+  sequences split over "data", heads over "model"; each model shard selects within its own heads
+  (press.head_groups = the shard count), which a single-device run with that head_groups reproduces.
+  trim: drop the pool pages token-granular adaptive selection left unused (exact memory; the decode
+  loop then compiles for the trimmed shapes). on_tokens: called with each sequence's new ids every
+  `stream_every` tokens (streaming; question-aware mode).
   """
-  if mesh is not None:
-    heads = press.cache_heads(cfg) if press is not None else cfg.num_kv_heads
-    sharding.check_fits(cfg, mesh, batch=len(prompts), cache_heads=heads)
-  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-    return _generate(params, cfg, prompts, max_new_tokens=max_new_tokens, press=press, sampling=sampling,
-                     eos_token_ids=eos_token_ids, questions=questions, return_positions=return_positions,
-                     backend=backend, seed=seed, mesh=mesh, progress=progress)
-
-
-def _generate(params, cfg, prompts, *, max_new_tokens, press, sampling, eos_token_ids, questions,
-              return_positions, backend, seed, mesh, progress) -> GenerationResult:
+  max_new_tokens = _check_count("max_new_tokens", max_new_tokens, 1)
+  _check_count("stream_every", stream_every, 1)
+  if not isinstance(sampling, Sampling):
+    raise TypeError(f"sampling must be a Sampling, got {type(sampling).__name__}")
   if not prompts or any(len(p) == 0 for p in prompts):
     raise PromptError("empty prompt: every prompt needs at least one token")
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  check_token_ids(prompts, cfg.vocab_size)
+  rounds = _question_rounds(questions, len(prompts))
+  for r in rounds or []:
+    check_token_ids(r, cfg.vocab_size, what=f"question")
+  if mesh is not None:
+    heads = press.cache_heads(cfg.num_heads, cfg.num_kv_heads) if press is not None else cfg.num_kv_heads
+    sharding.check_fits(cfg, mesh, batch=len(prompts), cache_heads=heads)
+    if press is not None and press.head_groups % mesh.shape["model"]:
+      if press.head_groups != 1:
+        raise ValueError(f"press.head_groups={press.head_groups} is not a multiple of the mesh's model "
+                         f"axis ({mesh.shape['model']})")
+      press = press.replace(head_groups=mesh.shape["model"])
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    return _generate(params, cfg, prompts, max_new_tokens=max_new_tokens, press=press, sampling=sampling,
+                     eos_token_ids=eos_token_ids, rounds=rounds, return_positions=return_positions,
+                     backend=backend, seed=seed, mesh=mesh, page_size=page_size, trim=trim,
+                     progress=progress, on_tokens=on_tokens, stream_every=stream_every)
+
+
+def _generate(params, cfg, prompts, *, max_new_tokens, press, sampling, eos_token_ids, rounds,
+              return_positions, backend, seed, mesh, page_size, trim, progress, on_tokens,
+              stream_every) -> GenerationResult:
   lens = [len(p) for p in prompts]
-  q_max = max((len(q) for q in questions), default=0) if questions else 0
-  if questions is not None and (not questions or any(len(q) == 0 for q in questions)):
-    raise PromptError("question-agnostic mode needs non-empty questions")
+  q_max = max((len(q) for r in rounds or [] for q in r), default=0)
   need = max(lens) + q_max + max_new_tokens
   if need > cfg.max_position_embeddings:
     raise PromptError(
         f"prompt of {max(lens)} tokens + {q_max} question tokens + {max_new_tokens} new tokens = {need} "
         f"exceeds the model's context of {cfg.max_position_embeddings} tokens")
-  eos = set(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
+  eos = tuple(int(e) for e in (cfg.eos_token_ids if eos_token_ids is None else eos_token_ids))
   notes = list(press.check_prompt(lens)) if press is not None else []
+  if press is not None:
+    press.check_page_size(page_size)
 
   chunk = model_lib.prompt_chunk(max(lens))
-  padded = -(-max(lens) // chunk) * chunk
-  extra = q_max + max_new_tokens
-  if press is None:
-    capacity = padded + extra  # bucketed with the prompt: one compiled decode step per bucket
-  else:
-    capacity = press.capacity(cfg.num_layers, max(lens), extra)
-  head_cap = press.head_cap(cfg.num_layers, max(lens)) if press is not None else None
+  padded = model_lib.padded_length(max(lens))
+  room = q_max + max_new_tokens
+  heads = press.cache_heads(cfg.num_heads, cfg.num_kv_heads) if press is not None else cfg.num_kv_heads
+  shards = sharding.mesh_shards()
+  plan = plan_cache(cfg.num_layers, heads, lens, room=room, press=press, page_size=page_size, shards=shards)
   tokens = jnp.asarray(_pad_batch(prompts, padded))
   len_B = jnp.asarray(lens, jnp.int32)
   if mesh is not None:
@@ -217,60 +310,98 @@ def _generate(params, cfg, prompts, *, max_new_tokens, press, sampling, eos_toke
   key, pkey = jax.random.split(key)
 
   with _stopwatch() as clock:
-    logits, cache, info = model_lib.prefill(params, tokens, len_B, pkey, cfg=cfg, press=press,
-                                            capacity=capacity, chunk=chunk, head_cap=head_cap,
-                                            return_positions=return_positions)
-    if mesh is not None:
-      cache = sharding.shard_cache(cache, mesh)
+    logits, cache, info = model_lib.prefill(params, tokens, len_B, pkey, cfg=cfg, press=press, plan=plan,
+                                            chunk=chunk)
     jax.block_until_ready(cache)
-  prefill_s = clock["run_s"]
-  live = cache.live_bytes()
-  stats: dict = {}
-
+  prefill_s, compile_s = clock["run_s"], clock["compile_s"]
+  info = jax.device_get(info)
+  if trim and shards == (1, 1):
+    cache = cache.trim()
+  kept_bytes = int(np.sum(info["budgets"])) * cache.entry_bytes
+  pages_used = cache.pages_used()
+  stats = {"decode_s": 0.0, "tokens": 0, "compile_s": 0.0}
+  run = functools.partial(_decode, params, cfg=cfg, sampling=sampling, eos=eos, backend=backend,
+                          max_new_tokens=max_new_tokens, stats=stats, progress=progress,
+                          stream_every=stream_every)
   answers = None
-  if questions is None:
-    key, sub = jax.random.split(key)
-    first = sample(logits, sub, sampling)
-    out, cache = _decode(params, cfg, first, cache, key, max_new_tokens, sampling, eos, backend, stats,
-                         progress)
+  if rounds is None:
+    key, sub, loop_key = jax.random.split(key, 3)
+    out, cache = run(sample(logits, sub, sampling), cache, loop_key, on_tokens=on_tokens)
   else:
-    saved_len, saved_pos = np.asarray(cache.lengths), np.asarray(cache.pos)
+    saved_len, saved_pos = np.asarray(cache.lengths), np.asarray(cache.pos)  # host: never donated
     answers = []
-    for q in questions:
-      cache = cache.rollback(jnp.asarray(saved_len), jnp.asarray(saved_pos))
-      cache.check_room(len(q) + max_new_tokens)
-      q_BT = jnp.asarray(np.tile(np.asarray(q, np.int32), (len(prompts), 1)))
-      logits, cache = model_lib.append(params, q_BT, jnp.full((len(prompts),), len(q), jnp.int32), cache,
-                                       cfg=cfg, backend=backend)
-      key, sub = jax.random.split(key)
-      first = sample(logits, sub, sampling)
-      ans, cache = _decode(params, cfg, first, cache, key, max_new_tokens, sampling, eos, backend, stats,
-                         progress)
+    for qs in rounds:
+      cache = cache.rollback(saved_len, saved_pos)
+      t = max(len(q) for q in qs)
+      q_BT = jnp.asarray(_pad_batch(qs, t))
+      with _stopwatch() as qclock:
+        logits, cache = model_lib.append(params, q_BT, jnp.asarray([len(q) for q in qs], jnp.int32), cache,
+                                         cfg=cfg, backend=backend)
+        jax.block_until_ready(logits)
+      stats["compile_s"] += qclock["compile_s"]
+      key, sub, loop_key = jax.random.split(key, 3)
+      ans, cache = run(sample(logits, sub, sampling), cache, loop_key, on_tokens=None)
       answers.append(ans)
     out = answers[0]
 
-  steps = stats.get("decode_steps", 0)
-  decode_s = stats.get("decode_s", 0.0)
-  info = jax.device_get(info)
+  entry = cache.entry_bytes
   return GenerationResult(
       token_ids=out,
       prompt_tokens=lens,
       cache_bytes=cache.nbytes(),
-      full_cache_bytes=full_cache_bytes(cfg, len(prompts), max(lens) + extra),
-      live_cache_bytes=live,
+      kept_bytes=kept_bytes,
+      decode_room_bytes=cfg.num_layers * len(prompts) * heads * room * entry,
+      full_cache_bytes=full_cache_bytes(cfg, lens, room, page_size),
+      page_size=page_size,
+      pages_used=pages_used,
+      pages_allocated=cache.pages_allocated(),
       prefill_s=prefill_s,
-      decode_s=decode_s,
-      decode_tokens_per_s=steps / decode_s if decode_s > 0 else float("nan"),
-      budgets=np.asarray(info["budgets"]) if press is not None else None,
+      decode_s=stats["decode_s"],
+      decode_tokens_per_s=stats["tokens"] / stats["decode_s"] if stats["decode_s"] > 0 else float("nan"),
+      budgets=np.asarray(info["budgets"]),
       retained_mass=np.asarray(info["retained_mass"]) if press is not None else None,
-      positions=np.asarray(info["positions"]) if return_positions and press is not None else None,
+      positions=np.asarray(info["positions"]) if return_positions else None,
       notes=notes,
-      head_cap=head_cap + press.window if press is not None else None,
       answers=answers,
-      final_logits=np.asarray(logits) if questions is None else None,
-      compile_s=clock["compile_s"],
+      final_logits=np.asarray(logits) if rounds is None else None,
+      compile_s=compile_s + stats["compile_s"],
+      press=press,
   )
 
 
-__all__ = ["generate", "decode_step", "sample", "Sampling", "GenerationResult", "PromptError",
-           "CacheCapacityError", "full_cache_bytes"]
+def _decode(params, first_B, cache, key, *, cfg, sampling, eos, backend, max_new_tokens, stats, progress,
+            stream_every, on_tokens):
+  """The first token is given; the rest come from decode loops (one, or one per streamed chunk)."""
+  from tqdm.auto import tqdm
+
+  state = start_decode(first_B, cache, key, max_new_tokens, eos)
+  chunk = stream_every if on_tokens is not None or progress else max_new_tokens
+  bar = tqdm(total=max_new_tokens, desc="decode", unit="tok", disable=not progress, leave=False)
+  shown = np.ones(first_B.shape[0], np.int64)
+  if on_tokens is not None:
+    on_tokens([[int(t)] for t in np.asarray(first_B)])
+  bar.update(1)
+  while True:
+    done, count = jax.device_get((state.done_B, state.count_B))
+    if done.all():
+      break
+    with _stopwatch() as clock:
+      state = decode_loop(params, state, cfg=cfg, sampling=sampling, eos_ids=eos, steps=chunk,
+                          backend=backend)
+      jax.block_until_ready(state.count_B)
+    stats["decode_s"] += clock["run_s"]
+    stats["compile_s"] += clock["compile_s"]
+    new_count = np.asarray(state.count_B)
+    stats["tokens"] += int(np.sum(new_count - count))
+    bar.update(int(new_count.max() - count.max()))
+    if on_tokens is not None:
+      toks = np.asarray(state.tokens_BS)
+      on_tokens([toks[i, shown[i]:new_count[i]].tolist() for i in range(len(new_count))])
+      shown = new_count.copy()
+  bar.close()
+  toks, count = np.asarray(state.tokens_BS), np.asarray(state.count_B)
+  return [toks[i, :count[i]].tolist() for i in range(len(count))], state.cache
+
+
+__all__ = ["generate", "decode_step", "decode_loop", "start_decode", "DecodeState", "sample", "Sampling",
+           "GenerationResult", "PromptError", "CacheCapacityError", "full_cache_bytes", "check_token_ids"]

@@ -2,31 +2,35 @@
 
     embed -> [rmsnorm -> attention(rope) -> rmsnorm -> swiglu mlp] x L -> rmsnorm -> logits
 
-Layers are stacked on a leading axis and run under `lax.scan`, so one layer body is compiled whatever
-the depth. Three entry points share the layer body:
-  * `forward_full`: plain causal forward without a cache (tests, scoring).
-  * `prefill`: a right-padded batch of prompts -> last-token logits and a cache, full or compressed by a
-    press at the end of each layer (prefill attention itself always sees the whole prompt).
-  * `append`: T new tokens against an existing cache (T=1 is a decode step; T>1 appends a question to a
-    compressed context), each head attending only to its own live entries.
-Params layout: see adakv_jax/checkpoints (weights are [in, out]).
+One layer body, two drivers:
+  * `run_prefill`: the one `lax.scan` over layers for a right-padded batch of prompts. Each layer hands
+    what it computed (window queries, K, V, column sums) to a tap; `prefill` taps it to write the paged
+    cache (compressed by a press right after the layer's attention, so no layer's full K/V outlives its
+    layer), and experiments tap the same scan to capture per-layer tensors (`CaptureTap`).
+  * `append`: T new tokens against the paged cache (T = 1 is a decode step; T > 1 appends a question to a
+    compressed context). Layers are unrolled here: each layer's pool is its own array of its own size,
+    which a decode step reads in place, where slicing one stacked pool would copy each layer's slice.
+Params layout: see adakv_jax/checkpoints (weights are [in, out], layers stacked on a leading axis).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from flax import struct
 
 from adakv_jax import sharding
-from adakv_jax.cache import CacheCapacityError, KVCache
-from adakv_jax.config import ModelConfig, rope_frequencies
 from adakv_jax import press as press_lib
+from adakv_jax.cache import CachePlan, PagedKVCache, capacity_error, kept_positions, write_new_entries
+from adakv_jax.cache import write_prompt_pages
+from adakv_jax.config import ModelConfig, rope_frequencies
 from pallas_kernels import backend as backend_lib
-from pallas_kernels import ragged_decode_attention as rda
+from pallas_kernels.paged_attention import paged_attention
 
 Params = dict[str, Any]
 
@@ -52,7 +56,8 @@ def apply_rope(x_BLHD, pos_BL, cfg: ModelConfig):
   return out.astype(x_BLHD.dtype)
 
 
-def _qkv(lp, x_BLE, pos_BL, cfg: ModelConfig):
+def attention_inputs(lp, x_BLE, pos_BL, cfg: ModelConfig):
+  """Queries, keys (both after RoPE) and values of one layer, head-major: [B, H|K, L, D]."""
   b, l, _ = x_BLE.shape
   h = rms_norm(x_BLE, lp["attn_norm"], cfg.rms_norm_eps)
   q = h @ lp["wq"]
@@ -63,11 +68,11 @@ def _qkv(lp, x_BLE, pos_BL, cfg: ModelConfig):
   q = apply_rope(q.reshape(b, l, cfg.num_heads, cfg.head_dim), pos_BL, cfg)
   k = apply_rope(k.reshape(b, l, cfg.num_kv_heads, cfg.head_dim), pos_BL, cfg)
   v = v.reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
-  # -> head-major layouts
   return q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
-def _out_and_mlp(lp, x_BLE, attn_BHLD, cfg: ModelConfig):
+def attention_output_and_mlp(lp, x_BLE, attn_BHLD, cfg: ModelConfig):
+  """The rest of the layer: output projection and residual, then the SwiGLU MLP and residual."""
   b, h, l, d = attn_BHLD.shape
   x = x_BLE + attn_BHLD.transpose(0, 2, 1, 3).reshape(b, l, h * d).astype(x_BLE.dtype) @ lp["wo"]
   y = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
@@ -84,7 +89,8 @@ def chunked_causal_attention(q_BHLD, k_BKLD, v_BKLD, len_B, *, chunk: int, with_
   b, h, l, d = q_BHLD.shape
   kh = k_BKLD.shape[1]
   g = h // kh
-  assert l % chunk == 0, (l, chunk)
+  if l % chunk:
+    raise ValueError(f"the padded prompt length {l} must be a multiple of the prefill chunk {chunk}")
   scale = 1.0 / jnp.sqrt(jnp.float32(d))
   key_pos = jnp.arange(l)
   key_ok_BL = key_pos[None, :] < len_B[:, None]
@@ -111,159 +117,272 @@ def chunked_causal_attention(q_BHLD, k_BKLD, v_BKLD, len_B, *, chunk: int, with_
   return o_BHLD, (colsum if with_colsum else None)
 
 
-def _logits(params, x_BE, cfg: ModelConfig):
+def logits_of(params, x_BE, cfg: ModelConfig):
   x = rms_norm(x_BE, params["final_norm"], cfg.rms_norm_eps)
   w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
   return (x @ w).astype(jnp.float32)
 
 
 def prompt_chunk(max_len: int) -> int:
+  """Prefill query-chunk size for prompts up to max_len tokens (prompts pad to a multiple of it)."""
   return min(512, max(16, 1 << (max(max_len, 1) - 1).bit_length()))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "chunk"))
-def forward_full(params: Params, tokens_BL: jax.Array, cfg: ModelConfig, chunk: int | None = None):
-  """Plain causal forward of unpadded prompts: logits [B, L, V] (float32)."""
-  b, l = tokens_BL.shape
-  chunk = chunk or l
-  pad = (-l) % chunk
-  toks = jnp.pad(tokens_BL, ((0, 0), (0, pad)))
-  lp_len = toks.shape[1]
-  len_B = jnp.full((b,), l, jnp.int32)
-  pos_BL = jnp.broadcast_to(jnp.arange(lp_len, dtype=jnp.int32), (b, lp_len))
-  x = params["embed"][toks].astype(dtype_of(cfg))
-
-  def layer(x, lp):
-    q, k, v = _qkv(lp, x, pos_BL, cfg)
-    o, _ = chunked_causal_attention(q, k, v, len_B, chunk=chunk, with_colsum=False)
-    return _out_and_mlp(lp, x, o, cfg), None
-
-  x, _ = lax.scan(layer, x, params["layers"])
-  return _logits(params, x[:, :l], cfg)
+def padded_length(max_len: int) -> int:
+  chunk = prompt_chunk(max_len)
+  return -(-max_len // chunk) * chunk
 
 
-def _window_queries(q_BHLD, len_B, window: int):
-  """The last `window` queries of each right-padded prompt (positions before 0 are clipped; the press
-  masks them by position)."""
+def window_queries(q_BHLD, len_B, window: int):
+  """The last `window` queries of each right-padded prompt (slots before position 0 are clipped; the
+  press masks them by position)."""
   idx_BW = jnp.clip(len_B[:, None] - window + jnp.arange(window)[None, :], 0, q_BHLD.shape[2] - 1)
   return jnp.take_along_axis(q_BHLD, idx_BW[:, None, :, None], axis=2)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "press", "capacity", "chunk", "return_positions",
-                                             "head_cap"))
-def prefill(params: Params, tokens_BL: jax.Array, len_B: jax.Array, rng: jax.Array, *, cfg: ModelConfig,
-            press=None, capacity: int, chunk: int, return_positions: bool = False,
-            head_cap: int | None = None):
-  """Prefill a right-padded batch; returns (last-token logits [B, V], KVCache, info).
+@functools.partial(jax.jit, static_argnames=("cfg", "chunk"))
+def forward_full(params: Params, tokens_BL: jax.Array, cfg: ModelConfig, chunk: int | None = None):
+  """Plain causal forward of unpadded prompts: logits [B, L, V] (float32). No cache."""
+  b, l = tokens_BL.shape
+  chunk = chunk or l
+  pad = (-l) % chunk
+  toks = jnp.pad(tokens_BL, ((0, 0), (0, pad)))
+  len_B = jnp.full((b,), l, jnp.int32)
+  x = run_prefill(params, toks, len_B, cfg=cfg, chunk=chunk, tap=None, all_hidden=True)[0]
+  return logits_of(params, x[:, :l], cfg)
 
-  With a press, each layer's K/V are compressed right after that layer's attention, so only one layer's
-  full K/V is alive at a time and the cache that leaves this function is the compressed one.
-  capacity: entries per head; with a press, press.capacity(num_layers, max_prompt_len, extra) and
-  head_cap = press.head_cap(num_layers, max_prompt_len) for the longest real prompt (default: sized on
-  the padded length, which in ratio mode can leave no room past the prompt).
+
+# ---- prefill: the one scan over layers, with a tap ----------------------------------------------------
+
+
+@struct.dataclass
+class LayerOutputs:
+  """What one layer hands its tap during prefill."""
+
+  q_win_BHWD: jax.Array | None  # the last `window` queries (after RoPE)
+  k_BKLD: jax.Array  # keys (after RoPE) of the whole padded prompt
+  v_BKLD: jax.Array
+  colsum_BHL: jax.Array | None  # attention summed over the valid queries (when the tap asks for it)
+
+
+def run_prefill(params: Params, tokens_BL: jax.Array, len_B: jax.Array, *, cfg: ModelConfig, chunk: int,
+                tap, tap_xs=None, all_hidden: bool = False):
+  """The scan over layers. tap(layer_inputs_xs, LayerOutputs) -> per-layer outputs (stacked by the scan);
+  tap_xs: a pytree with a leading layer axis handed to the tap layer by layer (budgets, keys).
+
+  tap.window (queries to hand over) and tap.with_colsum say what the tap needs. Returns (last-token
+  hidden states [B, E] (all of them [B, L, E] with all_hidden), stacked tap outputs).
   """
   b, l = tokens_BL.shape
   pos_BL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
   x = params["embed"][tokens_BL].astype(dtype_of(cfg))
-  if press is None:
-    assert capacity >= l, (capacity, l)
-    budgets_LB = jnp.zeros((cfg.num_layers, b), jnp.int32)
-  else:
-    budgets_LB = press.layer_budgets(cfg.num_layers, len_B)
+  window = getattr(tap, "window", 0)
+  with_colsum = bool(getattr(tap, "with_colsum", False))
 
   def layer(x, xs):
-    lp, budget_B, i = xs
-    q, k, v = _qkv(lp, x, pos_BL, cfg)
-    needs_colsum = press is not None and press.needs_colsum
-    o, colsum = chunked_causal_attention(q, k, v, len_B, chunk=chunk, with_colsum=needs_colsum)
-    x = _out_and_mlp(lp, x, o, cfg)
-    if press is None:
-      pad = ((0, 0), (0, 0), (0, capacity - l), (0, 0))
-      lengths = jnp.broadcast_to(len_B[:, None], (b, cfg.num_kv_heads)).astype(jnp.int32)
-      info = {"budgets": lengths}
-      return x, (jnp.pad(k, pad), jnp.pad(v, pad), lengths, info)
-    k_c, v_c, lengths, info = press_lib.compress_layer(
-        press, cfg, q_win_BHWD=_window_queries(q, len_B, press.window), k_BKLD=k, v_BKLD=v,
-        prompt_len_B=len_B, budget_B=budget_B, colsum_BHL=colsum, rng=jax.random.fold_in(rng, i),
-        capacity=capacity, head_cap=head_cap,
-        return_positions=return_positions)
-    return x, (k_c, v_c, lengths, info)
+    lp, extra = xs
+    q, k, v = attention_inputs(lp, x, pos_BL, cfg)
+    o, colsum = chunked_causal_attention(q, k, v, len_B, chunk=chunk, with_colsum=with_colsum)
+    x = attention_output_and_mlp(lp, x, o, cfg)
+    if tap is None:
+      return x, None
+    out = LayerOutputs(q_win_BHWD=window_queries(q, len_B, window) if window else None, k_BKLD=k, v_BKLD=v,
+                       colsum_BHL=colsum)
+    return x, tap(extra, out)
 
-  xs = (params["layers"], budgets_LB, jnp.arange(cfg.num_layers))
-  x, (k_L, v_L, lengths_L, info) = lax.scan(layer, x, xs)
+  x, ys = lax.scan(layer, x, (params["layers"], tap_xs))
+  if all_hidden:
+    return x, ys
   last_BE = jnp.take_along_axis(x, (len_B - 1)[:, None, None], axis=1)[:, 0]
-  cache = KVCache(k=k_L, v=v_L, lengths=lengths_L.astype(jnp.int32), pos=len_B.astype(jnp.int32))
-  return _logits(params, last_BE, cfg), cache, info
+  return last_BE, ys
 
 
-def cache_attention(q_BKGTD, k_BKCD, v_BKCD, kv_len_BK, backend: str):
-  """Attention of a chunk of T queries over each head's live entries (causal inside the chunk)."""
-  fn = functools.partial(rda.ragged_chunk_attention, backend=backend)
-  if backend_lib.resolve_backend(backend) == "pallas":  # XLA cannot partition a kernel: one per shard
-    cache_axes = ("batch", "kv_heads", "capacity", "head_dim")
-    fn = sharding.kernel_shard_map(
-        fn, in_axes=(("batch", "kv_heads", "group", "tokens", "head_dim"), cache_axes, cache_axes,
-                     ("batch", "kv_heads")),
-        out_axes=("batch", "kv_heads", "group", "tokens", "head_dim"))
-  return fn(q_BKGTD, k_BKCD, v_BKCD, kv_len_BK)
+@dataclasses.dataclass(frozen=True)
+class CaptureTap:
+  """Keeps every layer's window queries, K, V and column sums: one prefill serves any number of presses
+  (compress them later with `cache_from_capture`)."""
+
+  window: int
+  with_colsum: bool = True
+
+  def __call__(self, extra, out: LayerOutputs):
+    del extra
+    return out
 
 
-def _raise_capacity(longest, capacity, t):
-  raise CacheCapacityError(
-      f"KV cache capacity exhausted: a head holds {int(longest)} of {int(capacity)} entries and {int(t)} "
-      "more token(s) were appended; allocate a larger capacity (max_new_tokens / extra capacity)")
+@dataclasses.dataclass(frozen=True)
+class PagesTap:
+  """Writes one layer's pages: selection by a press (None keeps every entry), then the page pool."""
+
+  cfg: ModelConfig
+  press: Any
+  plan: CachePlan
+
+  @property
+  def window(self) -> int:
+    return self.press.window if self.press is not None else 0
+
+  @property
+  def with_colsum(self) -> bool:
+    return self.press is not None and self.press.needs_colsum
+
+  def __call__(self, extra, out: LayerOutputs):
+    len_B, units_B, rng = extra
+    return layer_pages(self.cfg, self.press, self.plan, out, len_B, units_B, rng)
 
 
-def _guard_capacity(cache: KVCache, t: int) -> None:
-  """Fails the step, loudly, instead of dropping writes past the capacity (the host is only called when
-  it happens)."""
-  longest = jnp.max(cache.lengths)
-  over = longest + t > cache.capacity
-  lax.cond(over, lambda: jax.debug.callback(_raise_capacity, longest, cache.capacity, t), lambda: None)
+def layer_pages(cfg: ModelConfig, press, plan: CachePlan, out: LayerOutputs, len_B, units_B, rng):
+  """One layer's selection and pages, computed per mesh shard when traced under a mesh.
+
+  Returns a dict of k_pages/v_pages (every layer padded to the largest layer's pool: a scan stacks
+  them), page_table, num_pages, lengths, positions and the press's info, local to the owning shard.
+  """
+  pool_pages = max(plan.pages_per_shard(l) for l in range(plan.num_layers))
+  width = plan.max_pages * plan.page_size
+
+  def local(q_win, k, v, colsum, len_B, units_B):
+    b, kh, n, _ = k.shape
+    if press is None:
+      live_BL = jnp.arange(n, dtype=jnp.int32)[None, :] < len_B[:, None]
+      keep, info = jnp.broadcast_to(live_BL[:, None, :], (b, kh, n)), {}
+    else:
+      keep, info = press_lib.select(press, q_win, k, len_B, units_B, page_size=plan.page_size,
+                                    colsum_BHL=colsum if press.needs_colsum else None, rng=rng,
+                                    groups=press.head_groups // plan.shards[1])
+    positions, kept = kept_positions(keep, width)
+    k_p, v_p, table, num_pages = write_prompt_pages(
+        k, v, positions, kept, pool_pages=pool_pages, page_size=plan.page_size, max_pages=plan.max_pages,
+        room=plan.room)
+    return dict(k_pages=k_p, v_pages=v_p, page_table=table, num_pages=num_pages, lengths=kept,
+                positions=positions, info=info)
+
+  info_axes = {} if press is None else {"budgets": ("batch", "kv_heads"), "retained_mass": ("batch",)}
+  fn = sharding.per_shard(
+      local,
+      in_axes=(("batch", "heads", None, None), ("batch", "kv_heads", None, None),
+               ("batch", "kv_heads", None, None), ("batch", "heads", None), ("batch",), ("batch",)),
+      out_axes=dict(k_pages=("pages", None, None), v_pages=("pages", None, None),
+                    page_table=("batch", "kv_heads", None), num_pages=("batch", "kv_heads"),
+                    lengths=("batch", "kv_heads"), positions=("batch", "kv_heads", None), info=info_axes))
+  b = out.k_BKLD.shape[0]
+  colsum = out.colsum_BHL if out.colsum_BHL is not None else jnp.zeros((b, cfg.num_heads, 1), jnp.float32)
+  q_win = out.q_win_BHWD
+  if q_win is None:  # the full cache scores nothing
+    q_win = jnp.zeros((b, cfg.num_heads, 1, cfg.head_dim), out.k_BKLD.dtype)
+  return fn(q_win, out.k_BKLD, out.v_BKLD, colsum, len_B, units_B)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "backend", "all_logits"), donate_argnames=("cache",))
-def append(params: Params, tokens_BT: jax.Array, n_valid_B: jax.Array, cache: KVCache, *,
+@functools.partial(jax.jit, static_argnames=("cfg", "press", "plan", "chunk"))
+def prefill(params: Params, tokens_BL: jax.Array, len_B: jax.Array, rng: jax.Array, *, cfg: ModelConfig,
+            press=None, plan: CachePlan, chunk: int):
+  """Prefill a right-padded batch into a paged cache sized by `plan` (cache.plan_cache).
+
+  Returns (last-token logits [B, V], PagedKVCache, info) with info["budgets"] [L, B, H'] (kept entries per
+  head), info["positions"] [L, B, H', C] (kept prompt positions in storage order, -1 = none) and, with a
+  press, info["retained_mass"] [L, B].
+  """
+  if tokens_BL.shape[1] % chunk:
+    raise ValueError(f"the padded prompt length {tokens_BL.shape[1]} must be a multiple of chunk {chunk}")
+  if press is not None:
+    press.check_page_size(plan.page_size)
+  units_LB = (press.layer_units(cfg.num_layers, len_B, plan.page_size) if press is not None
+              else jnp.zeros((cfg.num_layers, tokens_BL.shape[0]), jnp.int32))
+  b = tokens_BL.shape[0]
+  tap = PagesTap(cfg=cfg, press=press, plan=plan)
+  tap_xs = (jnp.broadcast_to(len_B, (cfg.num_layers, b)), units_LB, jax.random.split(rng, cfg.num_layers))
+  last_BE, ys = run_prefill(params, tokens_BL, len_B, cfg=cfg, chunk=chunk, tap=tap, tap_xs=tap_xs)
+  cache = cache_from_layers(ys, plan, len_B)
+  info = dict(ys["info"], budgets=ys["lengths"], positions=ys["positions"])
+  return logits_of(params, last_BE, cfg), cache, info
+
+
+def cache_from_layers(ys, plan: CachePlan, len_B) -> PagedKVCache:
+  """Stacked per-layer tap outputs -> a PagedKVCache with each layer's pool cut to its own size."""
+  shards = plan.shards[0] * plan.shards[1]
+
+  def cut(stacked, l):
+    n_loc = plan.pages_per_shard(l)
+    x = stacked[l]
+    if x.shape[0] == n_loc * shards:
+      return x
+    x = x.reshape(shards, x.shape[0] // shards, *x.shape[1:])[:, :n_loc]
+    return x.reshape(shards * n_loc, *x.shape[2:])
+
+  return PagedKVCache(
+      k_pages=tuple(cut(ys["k_pages"], l) for l in range(plan.num_layers)),
+      v_pages=tuple(cut(ys["v_pages"], l) for l in range(plan.num_layers)),
+      page_table=ys["page_table"], num_pages=ys["num_pages"], lengths=ys["lengths"].astype(jnp.int32),
+      pos=jnp.asarray(len_B, jnp.int32) + 0)
+
+
+# ---- append: T new tokens against the cache -----------------------------------------------------------
+
+
+def append(params: Params, tokens_BT: jax.Array, n_valid_B: jax.Array, cache: PagedKVCache, *,
            cfg: ModelConfig, backend: str = "auto", all_logits: bool = False):
   """Feed T new tokens (right-padded; n_valid_B real ones per sequence) against the cache.
 
   Returns (logits of each sequence's last real new token [B, V] -- or of every new token [B, T, V] with
-  all_logits -- and the new cache). The cache is donated: the write happens in place and the caller
-  must use the returned cache.
+  all_logits -- and the new cache). The cache is donated: the write happens in place and the caller must
+  use the returned cache. Before the donated call, the host checks that every head has room for T more
+  entries (one small device read) and raises CacheCapacityError otherwise, leaving the cache usable.
   """
+  tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
+  if tokens_BT.ndim != 2:
+    raise ValueError(f"tokens_BT must be [batch, T], got shape {tokens_BT.shape}")
+  left = cache.room_left()
+  if tokens_BT.shape[1] > left:
+    raise capacity_error(tokens_BT.shape[1], left)
+  return append_step(params, tokens_BT, jnp.asarray(n_valid_B, jnp.int32), cache, cfg=cfg, backend=backend,
+                     all_logits=all_logits)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "backend", "all_logits"), donate_argnames=("cache",))
+def append_step(params: Params, tokens_BT: jax.Array, n_valid_B: jax.Array, cache: PagedKVCache, *,
+                cfg: ModelConfig, backend: str = "auto", all_logits: bool = False):
+  """`append` without the host-side room check (for loops that reserved the room, like `generate`):
+  writes past a head's pages are dropped, not raised."""
+  x_BTE, cache = _append_layers(params, tokens_BT, n_valid_B, cache, cfg, backend)
+  if all_logits:
+    return logits_of(params, x_BTE, cfg), cache
+  last_BE = jnp.take_along_axis(x_BTE, jnp.maximum(n_valid_B - 1, 0)[:, None, None], axis=1)[:, 0]
+  return logits_of(params, last_BE, cfg), cache
+
+
+def _append_layers(params, tokens_BT, n_valid_B, cache: PagedKVCache, cfg: ModelConfig, backend: str):
   b, t = tokens_BT.shape
   hc = cache.num_heads
-  _guard_capacity(cache, t)
   pos_BT = cache.pos[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
   x = params["embed"][tokens_BT].astype(dtype_of(cfg))
-  bi = jnp.arange(b)[:, None, None]
-  hi = jnp.arange(hc)[None, :, None]
-
-  def layer(carry, xs):
-    x, ck, cv = carry
-    lp, i, len_BH = xs
-    q, k, v = _qkv(lp, x, pos_BT, cfg)
+  attend = functools.partial(_write_and_attend, backend=backend)
+  attend = sharding.per_shard(
+      attend, in_axes=(("batch", "kv_heads", None, None, None), ("pages", None, None), ("pages", None, None),
+                       ("batch", "kv_heads", None), ("batch", "kv_heads"), ("batch", "kv_heads", None, None),
+                       ("batch", "kv_heads", None, None), ("batch",)),
+      out_axes=(("batch", "kv_heads", None, None, None), ("pages", None, None), ("pages", None, None)))
+  k_pages, v_pages = list(cache.k_pages), list(cache.v_pages)
+  for i in range(cfg.num_layers):
+    lp = jax.tree.map(lambda a: a[i], params["layers"])
+    q, k, v = attention_inputs(lp, x, pos_BT, cfg)
     if hc != cfg.num_kv_heads:  # query-head granularity: one cache head per query head
       k = jnp.repeat(k, hc // cfg.num_kv_heads, axis=1)
       v = jnp.repeat(v, hc // cfg.num_kv_heads, axis=1)
-    idx_BHT = len_BH[:, :, None] + jnp.arange(t, dtype=jnp.int32)[None, None, :]
-    ck = ck.at[i, bi, hi, idx_BHT].set(k.astype(ck.dtype), mode="drop")
-    cv = cv.at[i, bi, hi, idx_BHT].set(v.astype(cv.dtype), mode="drop")
-    g = cfg.num_heads // hc
-    q_BKGTD = q.reshape(b, hc, g, t, cfg.head_dim)
-    o = cache_attention(q_BKGTD, ck[i], cv[i], len_BH + t, backend)
-    x = _out_and_mlp(lp, x, o.reshape(b, cfg.num_heads, t, cfg.head_dim), cfg)
-    return (x, ck, cv), None
+    q_BKGTD = q.reshape(b, hc, cfg.num_heads // hc, t, cfg.head_dim)
+    o, k_pages[i], v_pages[i] = attend(q_BKGTD, k_pages[i], v_pages[i], cache.page_table[i],
+                                       cache.lengths[i], k, v, n_valid_B)
+    x = attention_output_and_mlp(lp, x, o.reshape(b, cfg.num_heads, t, cfg.head_dim), cfg)
+  new = cache.replace(k_pages=tuple(k_pages), v_pages=tuple(v_pages),
+                      lengths=cache.lengths + n_valid_B[None, :, None].astype(jnp.int32),
+                      pos=cache.pos + n_valid_B.astype(jnp.int32))
+  return x, new
 
-  xs = (params["layers"], jnp.arange(cfg.num_layers), cache.lengths)
-  (x, ck, cv), _ = lax.scan(layer, (x, cache.k, cache.v), xs)
-  if all_logits:
-    last_BE = x
-  else:
-    last_BE = jnp.take_along_axis(x, jnp.maximum(n_valid_B - 1, 0)[:, None, None], axis=1)[:, 0]
-  new = KVCache(k=ck, v=cv, lengths=cache.lengths + n_valid_B[None, :, None].astype(jnp.int32),
-                pos=cache.pos + n_valid_B.astype(jnp.int32))
-  return _logits(params, last_BE, cfg), new
+
+def _write_and_attend(q_BKGTD, k_pages, v_pages, table_BKM, len_BK, k_BKTD, v_BKTD, n_valid_B, *, backend):
+  """One layer of a shard: write the T new entries, then attend over each head's live entries."""
+  k_pages, v_pages = write_new_entries(k_pages, v_pages, table_BKM, len_BK, k_BKTD, v_BKTD, n_valid_B)
+  t = q_BKGTD.shape[3]
+  o = paged_attention(q_BKGTD, k_pages, v_pages, table_BKM, len_BK + t, backend=backend)
+  return o, k_pages, v_pages
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> Params:

@@ -1,8 +1,10 @@
 """The one place that maps logical axes to mesh axes.
 
 Data parallel over sequences ("data"), tensor parallel over heads and the MLP ("model"). Everything
-else is replicated. Jitted prefill/append run under GSPMD from these input shardings; the Pallas
-kernels, which XLA cannot partition, run per shard under `jax.shard_map` (see kernel_shard_map).
+else is replicated. Jitted prefill/append run under GSPMD from these input shardings; what touches the
+paged cache (selection, page writes, attention) runs per shard under `jax.shard_map` (`per_shard`):
+each shard's heads own the pages of its slice of every layer's pool ("pages" spans both mesh axes), and
+page tables hold ids local to that slice.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from adakv_jax.cache import KVCache
+from adakv_jax.cache import PagedKVCache
 from adakv_jax.config import ModelConfig
 
 LOGICAL_TO_MESH = {
@@ -26,6 +28,8 @@ LOGICAL_TO_MESH = {
     "head_dim": None,
     "group": None,
     "tokens": None,
+    "pages": ("data", "model"),  # a layer's page pool: one slice per (data, model) shard
+    "page_slots": None,
 }
 
 PARAM_AXES = {
@@ -46,13 +50,22 @@ PARAM_AXES = {
     "w_down": ("layers", "mlp", "embed"),
 }
 
-CACHE_AXES = KVCache(k=("layers", "batch", "kv_heads", "capacity", "head_dim"),
-                     v=("layers", "batch", "kv_heads", "capacity", "head_dim"),
-                     lengths=("layers", "batch", "kv_heads"), pos=("batch",))
+POOL_AXES = ("pages", "page_slots", "head_dim")
+HEAD_AXES = ("layers", "batch", "kv_heads")
+
+
+def cache_axes(num_layers: int) -> PagedKVCache:
+  """Logical axes of every array of a paged cache with `num_layers` layers."""
+  return PagedKVCache(k_pages=(POOL_AXES,) * num_layers, v_pages=(POOL_AXES,) * num_layers,
+                      page_table=HEAD_AXES + (None,), num_pages=HEAD_AXES, lengths=HEAD_AXES, pos=("batch",))
 
 
 def spec(axes) -> P:
-  return P(*(LOGICAL_TO_MESH[a] for a in axes))
+  return P(*(LOGICAL_TO_MESH[a] if a is not None else None for a in axes))
+
+
+def _is_axes(x) -> bool:
+  return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
 
 
 def make_mesh(data: int = 1, model: int = 1, devices=None) -> jax.sharding.Mesh:
@@ -83,24 +96,35 @@ def shard_params(params, mesh):
   return jax.tree_util.tree_map_with_path(put, params)
 
 
-def cache_shardings(mesh) -> KVCache:
-  return jax.tree.map(lambda axes: NamedSharding(mesh, spec(axes)), CACHE_AXES,
-                      is_leaf=lambda x: isinstance(x, tuple))
+def cache_shardings(mesh, num_layers: int) -> PagedKVCache:
+  return jax.tree.map(lambda axes: NamedSharding(mesh, spec(axes)), cache_axes(num_layers), is_leaf=_is_axes)
 
 
-def shard_cache(cache: KVCache, mesh) -> KVCache:
-  return jax.device_put(cache, cache_shardings(mesh))
+def shard_cache(cache: PagedKVCache, mesh) -> PagedKVCache:
+  return jax.device_put(cache, cache_shardings(mesh, cache.num_layers))
 
 
 def batch_sharding(mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, P("data", *([None] * (ndim - 1))))
 
 
-def kernel_shard_map(fn, *, in_axes, out_axes):
-  """Wraps a per-shard kernel in shard_map when traced under a mesh (jax.set_mesh); else returns it."""
+def mesh_shards() -> tuple[int, int]:
+  """(data, model) shards of the mesh being traced under (jax.set_mesh), (1, 1) without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return 1, 1
+  return mesh.shape.get("data", 1), mesh.shape.get("model", 1)
+
+
+def per_shard(fn, *, in_axes, out_axes):
+  """Runs `fn` once per mesh shard (jax.shard_map) when traced under a mesh; else returns it.
+
+  in_axes / out_axes: pytrees of logical-axes tuples, one per argument / output leaf.
+  """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty:
     return fn
-  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(a) for a in in_axes), out_specs=spec(out_axes),
+  to_spec = lambda tree: jax.tree.map(spec, tree, is_leaf=_is_axes)
+  return jax.shard_map(fn, mesh=mesh, in_specs=to_spec(tuple(in_axes)), out_specs=to_spec(out_axes),
                        check_vma=False)
 

@@ -20,11 +20,22 @@ def test_batch_of_different_lengths_equals_single_runs_and_uncached_reference():
   assert single.token_ids[0] == res.token_ids[1]
 
 
-def test_decode_step_compiles_once():
+def test_the_decode_loop_compiles_once_and_runs_on_device():
   cfg, params = tiny_model()
-  gen.decode_step.clear_cache()
-  gen.generate(params, cfg, random_prompts([12]), max_new_tokens=8, backend="xla")
-  assert gen.decode_step._cache_size() == 1
+  gen.decode_loop.clear_cache()
+  a = gen.generate(params, cfg, random_prompts([12]), max_new_tokens=8, backend="xla")
+  b = gen.generate(params, cfg, random_prompts([11], seed=3), max_new_tokens=8, backend="xla")
+  assert gen.decode_loop._cache_size() == 1  # one loop for all 7 steps, reused for the second prompt
+  assert len(a.token_ids[0]) == len(b.token_ids[0]) == 8
+
+
+def test_streaming_hands_out_every_token_once_in_order():
+  cfg, params = tiny_model()
+  prompts = random_prompts([12, 7])
+  seen = [[], []]
+  res = gen.generate(params, cfg, prompts, max_new_tokens=9, backend="xla", stream_every=4,
+                     on_tokens=lambda new: [s.extend(n) for s, n in zip(seen, new)])
+  assert seen == res.token_ids
 
 
 def test_stops_on_eos():
@@ -56,13 +67,15 @@ def test_top_p_keeps_the_nucleus_only():
   assert draws == {0, 1}
 
 
-def test_full_cache_bytes_are_reported():
+def test_full_cache_bytes_are_reported_in_whole_pages_per_head():
   cfg, params = tiny_model()
-  res = gen.generate(params, cfg, random_prompts([30, 10]), max_new_tokens=4, backend="xla")
+  res = gen.generate(params, cfg, random_prompts([30, 10]), max_new_tokens=4, backend="xla", page_size=8)
   per_entry = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
-  assert res.full_cache_bytes == 2 * (30 + 4) * per_entry
-  assert res.live_cache_bytes == (30 + 10) * per_entry
-  assert res.cache_bytes >= res.full_cache_bytes
+  assert res.cache_bytes == res.full_cache_bytes == (5 * 8 + 2 * 8) * per_entry  # ceil(34/8), ceil(14/8)
+  assert res.kept_bytes == (30 + 10) * per_entry
+  assert res.decode_room_bytes == 2 * 4 * per_entry
+  assert res.padding_overhead == pytest.approx(56 / 48)
+  assert res.pages_used == res.pages_allocated == cfg.num_layers * cfg.num_kv_heads * (5 + 2)
 
 
 @pytest.mark.parametrize("prompts,match", [([[]], "empty prompt"), ([list(range(60)) * 9], "exceeds the model's context")])
@@ -72,23 +85,61 @@ def test_bad_prompts_are_rejected(prompts, match):
     gen.generate(params, cfg, prompts, max_new_tokens=4)
 
 
-def test_cache_refuses_to_overflow():
-  cfg, params = tiny_model()
+def _prefilled(cfg, params, room):
   from adakv_jax import model as model_lib
-  _, cache, _ = model_lib.prefill(params, jnp.asarray(random_prompts([16])), jnp.asarray([16]),
-                                  jax.random.PRNGKey(0), cfg=cfg, capacity=18, chunk=16)
-  cache.check_room(2)
-  with pytest.raises(CacheCapacityError, match="capacity exhausted"):
-    cache.check_room(3)
+  from adakv_jax.cache import plan_cache
+
+  plan = plan_cache(cfg.num_layers, cfg.num_kv_heads, [16], room=room, page_size=8)
+  return model_lib.prefill(params, jnp.asarray(random_prompts([16])), jnp.asarray([16]),
+                           jax.random.PRNGKey(0), cfg=cfg, plan=plan, chunk=16)[1]
 
 
-def test_decoding_past_the_capacity_fails_loudly():
+def test_cache_room_is_whole_pages_and_checked_on_the_host():
   cfg, params = tiny_model()
+  cache = _prefilled(cfg, params, room=2)  # 16 + 2 entries -> 3 pages of 8: room for 8
+  cache.check_room(8)
+  with pytest.raises(CacheCapacityError, match="capacity exhausted: 9 more token"):
+    cache.check_room(9)
+
+
+def test_append_past_the_room_raises_the_typed_error_and_leaves_the_cache_usable():
   from adakv_jax import model as model_lib
-  _, cache, _ = model_lib.prefill(params, jnp.asarray(random_prompts([16])), jnp.asarray([16]),
-                                  jax.random.PRNGKey(0), cfg=cfg, capacity=17, chunk=16)
-  tok = jnp.asarray([3])
-  tok, _, cache = gen.decode_step(params, tok, cache, jax.random.PRNGKey(1), cfg=cfg, sampling=gen.Sampling())
-  with pytest.raises(Exception, match="capacity exhausted"):
-    out = gen.decode_step(params, tok, cache, jax.random.PRNGKey(2), cfg=cfg, sampling=gen.Sampling())
-    jax.block_until_ready(out)
+
+  cfg, params = tiny_model()
+  cache = _prefilled(cfg, params, room=1)  # 17 entries -> 3 pages: room for 8 more
+  with pytest.raises(CacheCapacityError, match="9 more token"):
+    model_lib.append(params, jnp.zeros((1, 9), jnp.int32), jnp.asarray([9]), cache, cfg=cfg)
+  logits, cache = model_lib.append(params, jnp.zeros((1, 8), jnp.int32), jnp.asarray([8]), cache, cfg=cfg)
+  assert np.isfinite(np.asarray(logits)).all() and cache.lengths.max() == 24
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(max_new_tokens=2.5), ValueError, "max_new_tokens must be an integer >= 1, got 2.5"),
+    (dict(max_new_tokens=0), ValueError, "max_new_tokens must be an integer >= 1"),
+    (dict(stream_every=0), ValueError, "stream_every must be an integer >= 1"),
+    (dict(sampling=(1.0, 0.5)), TypeError, "sampling must be a Sampling"),
+])
+def test_bad_generation_arguments_name_the_argument(kwargs, error, match):
+  cfg, params = tiny_model()
+  with pytest.raises(error, match=match):
+    gen.generate(params, cfg, random_prompts([5]), **kwargs)
+
+
+@pytest.mark.parametrize("temperature,top_p,match", [
+    (float("nan"), 1.0, "temperature must be a finite number"), (float("inf"), 1.0, "temperature"),
+    (-1.0, 1.0, "temperature"), (1.0, float("nan"), "top_p must be a finite number"), (1.0, 0.0, "top_p"),
+])
+def test_non_finite_sampling_parameters_are_refused(temperature, top_p, match):
+  with pytest.raises(ValueError, match=match):
+    gen.Sampling(temperature, top_p)
+
+
+@pytest.mark.parametrize("prompt,match", [([5, 10**6, 3], "prompt 0, position 1: token id 1000000 is outside"),
+                                          ([-5, 1], "prompt 0, position 0: token id -5 is outside"),
+                                          ([1.5, 2.0], "flat list of integer token ids")])
+def test_token_ids_outside_the_vocabulary_are_refused_not_clamped(prompt, match):
+  cfg, params = tiny_model()
+  with pytest.raises(gen.PromptError, match=match):
+    gen.generate(params, cfg, [prompt], max_new_tokens=2)
+  with pytest.raises(gen.PromptError, match="question 0, position 0"):
+    gen.generate(params, cfg, [[1, 2, 3]], max_new_tokens=2, questions=[[cfg.vocab_size]])

@@ -3,11 +3,12 @@
 All three modes return a boolean keep mask over scored entries plus the per-head counts:
 - uniform: each head keeps its own top total // H, nothing more (a head short of valid entries leaves
   its share unused, as SnapKV does);
-- adaptive: Ada-KV. Each head reserves its top `floor`, the rest of the layer total goes to the globally
-  best remaining entries, no head above `cap`. The total is exact (ties broken by position, then head);
+- adaptive: Ada-KV. Each head reserves its top `floor`, the rest of the total goes to the globally best
+  remaining entries. No per-head cap: a head may take any share, up to its own valid entries. The total
+  is exact (ties broken by position, then head);
 - mix: the authors' b_h = round((1 - alpha) f_h + alpha B') with f_h the floor-free adaptive budget.
   Kept for reproduction only; its total can drift by rounding.
-Entries scored -inf are never kept.
+Entries scored -inf are never kept. The same rule serves entries and whole pages (page granularity).
 """
 
 from __future__ import annotations
@@ -16,48 +17,35 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# The one import site of the selection rule: the kernel dispatcher when present, else the reference.
-from pallas_kernels.cross_head_topk import cross_head_topk_reference
-try:
-  from pallas_kernels.cross_head_topk import cross_head_topk as _cross_head_topk
-except ImportError:  # kernel not merged yet: the reference computes the same sets
-  _cross_head_topk = None
+from pallas_kernels.cross_head_topk import cross_head_topk
 
 MODES = ("uniform", "adaptive", "mix")
 
 
-def cross_head_select(scores_BHN, total_B, floor_B, cap: int, backend: str = "auto"):
-  """(keep_BHN, budgets_BH) from the kernel dispatcher, or the reference where there is none."""
-  if _cross_head_topk is None:
-    return cross_head_topk_reference(scores_BHN, total_B, floor_B, cap)
-  return _cross_head_topk(scores_BHN, total_B, floor_B, cap, backend=backend)
+def allocate(scores_BHN: jax.Array, total_B: jax.Array, floor_B: jax.Array, mode: str = "adaptive", *,
+             alpha: float = 0.0, backend: str = "auto") -> tuple[jax.Array, jax.Array]:
+  """Chooses the kept entries (or pages) of one head group.
 
-
-def allocate(scores_BHN: jax.Array, total_B: jax.Array, floor_B: jax.Array, cap: int,
-             mode: str = "adaptive", *, alpha: float = 0.0,
-             backend: str = "auto") -> tuple[jax.Array, jax.Array]:
-  """Chooses the kept entries of one layer.
-
-  scores [B, H, N] float (-inf = never keep); total_B int [B]: entries to keep over all heads;
-  floor_B int [B]: per-head reserve (adaptive only); cap: static per-head maximum; alpha: mix weight.
+  scores [B, H, N] float (-inf = never keep); total_B int [B]: units to keep over all heads;
+  floor_B int [B]: per-head reserve (adaptive only); alpha: mix weight.
   Returns (keep_BHN bool, budgets_BH int32).
   """
   b, h, n = scores_BHN.shape
-  cap = int(min(cap, n))
+  cap = n
   total_B = jnp.broadcast_to(jnp.asarray(total_B, jnp.int32), (b,))
   floor_B = jnp.broadcast_to(jnp.asarray(floor_B, jnp.int32), (b,))
   if mode not in MODES:
     raise ValueError(f"unknown allocation mode {mode!r}; valid: {', '.join(MODES)}")
-  if cap <= 0:
+  if n == 0:
     return jnp.zeros((b, h, n), bool), jnp.zeros((b, h), jnp.int32)
   if mode == "uniform":
     keep = keep_top_per_head(scores_BHN, jnp.broadcast_to((total_B // h)[:, None], (b, h)), cap)
     return keep, jnp.sum(keep, axis=-1, dtype=jnp.int32)
   if mode == "adaptive":
-    return cross_head_select(scores_BHN, total_B, floor_B, cap, backend)
+    return cross_head_topk(scores_BHN, total_B, floor_B, cap, backend=backend)
 
   # mix: per-head budgets from the floor-free global top-k, blended towards the average.
-  _, free_BH = cross_head_select(scores_BHN, total_B, jnp.zeros_like(total_B), cap, backend)
+  _, free_BH = cross_head_topk(scores_BHN, total_B, jnp.zeros_like(total_B), cap, backend=backend)
   avg_B = total_B.astype(jnp.float32) / h
   mixed_BH = (1.0 - alpha) * free_BH.astype(jnp.float32) + alpha * avg_B[:, None]
   budgets_BH = jnp.clip(jnp.floor(mixed_BH + 0.5).astype(jnp.int32), 0, cap)

@@ -1,24 +1,35 @@
-"""Press = scorer x allocation x schedule x budget, and the per-layer compression the model calls.
+"""Press = scorer x allocation x schedule x budget x granularity, and the per-layer selection.
 
-`compress_layer` runs once per layer at the end of prefill, inside the model's `lax.scan` over layers:
-score every prompt entry, pick the kept entries per head (ADAKV_SPEC 3.5), gather them plus the window
-into a cache of static capacity. Everything here is pure and shape-static; the Press itself is a frozen,
-hashable dataclass passed to jit as a static argument.
+`select` runs once per layer at the end of prefill: score every prompt entry, choose the kept entries of
+each cache head (ADAKV_SPEC 3.5), always keep the observation window. It needs nothing of the model but
+the layer's window queries and keys, so any attention layer can be compressed with it. The Press itself
+is a frozen, hashable dataclass passed to jit as a static argument.
 
 Budget convention: `budget` B is the average number of entries per head INCLUDING the window w; the
-selectable part is B' = B - w per head and the layer selects H' * B' entries (H' = cache heads).
+selectable part is B' = B - w per head and a head group of H_g heads selects H_g * B' entries.
 `compression_ratio` r instead gives every sequence B = floor(len * (1 - r)) (kvpress convention), never
 less than the window. A prompt of at most B tokens keeps everything.
+
+Granularity. "token" (the paper's method): single entries are selected. "page": the prefix is cut into
+whole page-sized chunks [c P, (c + 1) P), each chunk scored by the mean (or max, `chunk_score`) of its
+tokens' pooled scores, and whole chunks are selected by the same cross-head rule with budgets, floors and
+totals counted in pages; so a kept span is never cut inside a page. The prefix tokens after its last
+whole chunk (fewer than P) are kept with the window, so no chunk is cut there either; they are the only
+entries a page-granular cache keeps beyond its budget, and they are counted in every byte figure.
+
+Head groups. `head_groups` G splits the cache heads of a layer into G contiguous groups that each select
+their own exact share; a mesh whose model axis has G shards runs this, one group per shard, so a
+single-device run with head_groups=G reproduces it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from adakv_jax.press import allocation, schedules, scorers
 from pallas_kernels.backend import BACKENDS
@@ -29,6 +40,8 @@ FLOOR_MODES = ("reserve", "mix")
 POOLS = ("max", "avg")
 GQA_MODES = ("kv", "query")
 GQA_REDUCES = ("mean", "max")
+GRANULARITIES = ("token", "page")
+CHUNK_SCORES = ("mean", "max")
 
 
 def _fraction(x: float) -> Fraction:
@@ -36,8 +49,8 @@ def _fraction(x: float) -> Fraction:
   return Fraction(x).limit_denominator(10_000)
 
 
-def _floor_mul(x_B: jax.Array, frac: Fraction) -> jax.Array:
-  """floor(x * p / q) exactly in int32, without overflow for any prompt length int32 can hold."""
+def _floor_mul(x_B, frac: Fraction):
+  """floor(x * p / q) exactly in integers, without int32 overflow for any prompt length."""
   p, q = frac.numerator, frac.denominator
   return (x_B // q) * p + ((x_B % q) * p) // q
 
@@ -45,6 +58,11 @@ def _floor_mul(x_B: jax.Array, frac: Fraction) -> jax.Array:
 def _check_choice(field: str, value, valid) -> None:
   if value not in valid:
     raise ValueError(f"unknown {field} {value!r}; valid: {', '.join(map(str, valid))}")
+
+
+def _check_int(field: str, value, low: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+    raise ValueError(f"{field} must be an integer >= {low}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,106 +79,125 @@ class Press:
   pool: str = "max"
   floor_alpha: float = 0.2
   floor_mode: str = "reserve"
-  head_cap_factor: float = 2.0
+  granularity: str = "token"
+  chunk_score: str = "mean"
   gqa: str = "kv"
   gqa_reduce: str = "mean"
+  head_groups: int = 1
   pyramid_beta: int = 20
   sink_tokens: int = 4
   seed: int = 0
   backend: str = "auto"
 
   def __post_init__(self):
-    _check_choice("scorer", self.scorer, SCORER_NAMES)
-    _check_choice("allocation", self.allocation, ALLOCATIONS)
-    _check_choice("schedule", self.schedule, schedules.SCHEDULES)
-    _check_choice("floor_mode", self.floor_mode, FLOOR_MODES)
-    _check_choice("pool", self.pool, POOLS)
-    _check_choice("gqa", self.gqa, GQA_MODES)
-    _check_choice("gqa_reduce", self.gqa_reduce, GQA_REDUCES)
-    _check_choice("backend", self.backend, BACKENDS)
-    if not isinstance(self.window, int) or self.window <= 0:
-      raise ValueError(f"window must be a positive integer, got {self.window!r}")
-    if not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
+    for field, valid in (("scorer", SCORER_NAMES), ("allocation", ALLOCATIONS),
+                         ("schedule", schedules.SCHEDULES), ("floor_mode", FLOOR_MODES), ("pool", POOLS),
+                         ("gqa", GQA_MODES), ("gqa_reduce", GQA_REDUCES), ("granularity", GRANULARITIES),
+                         ("chunk_score", CHUNK_SCORES), ("backend", BACKENDS)):
+      _check_choice(field, getattr(self, field), valid)
+    _check_int("window", self.window, 1)
+    if isinstance(self.kernel, bool) or not isinstance(self.kernel, int) or self.kernel < 1 \
+        or self.kernel % 2 == 0:
       raise ValueError(f"pooling kernel must be an odd integer >= 1 (1 = no pooling), got {self.kernel!r}")
-    if not 0.0 <= self.floor_alpha <= 1.0:
-      raise ValueError(f"floor_alpha must lie in [0, 1], got {self.floor_alpha}")
-    if not isinstance(self.pyramid_beta, int) or self.pyramid_beta < 1:
-      raise ValueError(f"pyramid_beta must be an integer >= 1, got {self.pyramid_beta!r}")
-    if self.sink_tokens < 0:
-      raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+    _check_int("pyramid_beta", self.pyramid_beta, 1)
+    _check_int("sink_tokens", self.sink_tokens, 0)
+    _check_int("head_groups", self.head_groups, 1)
+    _check_int("seed", self.seed, 0)
+    if not isinstance(self.floor_alpha, (int, float)) or not 0.0 <= self.floor_alpha <= 1.0:
+      raise ValueError(f"floor_alpha must lie in [0, 1], got {self.floor_alpha!r}")
     if (self.budget is None) == (self.compression_ratio is None):
       raise ValueError("give exactly one of budget and compression_ratio "
                        "(set budget=None to use a compression ratio)")
-    if self.budget is not None and self.budget < self.window:
-      raise ValueError(f"budget smaller than the window: budget {self.budget} < window {self.window} "
-                       "(the budget counts the window, which is always kept)")
-    if self.compression_ratio is not None and not 0.0 <= self.compression_ratio < 1.0:
-      raise ValueError(f"compression_ratio must lie in [0, 1), got {self.compression_ratio}")
-    if self.allocation == "adaptive":
-      bp = self.budget - self.window if self.budget is not None else 1000
-      floor = _floor_mul(bp, _fraction(self.floor_alpha))
-      cap = -((-bp * _fraction(self.head_cap_factor)) // 1)
-      if cap < floor:
-        raise ValueError(f"per-head cap below the floor: head_cap_factor {self.head_cap_factor} x B' {bp} "
-                         f"= {cap} < floor_alpha {self.floor_alpha} x B' = {floor}")
-      if self.head_cap_factor < 1.0:
-        raise ValueError(f"head_cap_factor must be >= 1, got {self.head_cap_factor}: a per-head cap below "
-                         "the average budget cannot hold the layer total")
+    if self.budget is not None:
+      _check_int("budget", self.budget, 1)
+      if self.budget < self.window:
+        raise ValueError(f"budget smaller than the window: budget {self.budget} < window {self.window} "
+                         "(the budget counts the window, which is always kept)")
+    if self.compression_ratio is not None and (
+        not isinstance(self.compression_ratio, (int, float)) or not 0.0 <= self.compression_ratio < 1.0):
+      raise ValueError(f"compression_ratio must lie in [0, 1), got {self.compression_ratio!r}")
 
-  # ---- shapes and static sizes -------------------------------------------------------------------
+  def replace(self, **kw) -> "Press":
+    return dataclasses.replace(self, **kw)
 
-  def cache_heads(self, cfg) -> int:
+  # ---- shapes --------------------------------------------------------------------------------------
+
+  def cache_heads(self, num_heads: int, num_kv_heads: int) -> int:
     """H': the heads the compressed cache stores (KV heads, or query heads for gqa="query")."""
-    return cfg.num_heads if self.gqa == "query" else cfg.num_kv_heads
+    return num_heads if self.gqa == "query" else num_kv_heads
 
   @property
   def needs_colsum(self) -> bool:
     """H2O scores keys by attention summed over all prompt queries, which the model must accumulate."""
     return self.scorer == "h2o"
 
-  def selectable(self, prompt_len: int) -> int:
-    """Host-side B' for a prompt of this length (static; ratio mode depends on the length)."""
-    if self.budget is not None:
-      return self.budget - self.window
-    return max(_floor_mul(int(prompt_len), _fraction(1.0 - self.compression_ratio)) - self.window, 0)
+  def check_page_size(self, page_size: int) -> None:
+    """Page granularity counts budgets in pages: B' must be a whole number of them."""
+    if self.granularity == "page" and self.budget is not None and (self.budget - self.window) % page_size:
+      raise ValueError(
+          f"page granularity needs budget - window to be a whole number of pages: budget {self.budget} - "
+          f"window {self.window} = {self.budget - self.window} is not a multiple of page size {page_size} "
+          f"(e.g. budget {self.window + page_size * max((self.budget - self.window) // page_size, 1)})")
 
-  def head_cap(self, num_layers: int, max_prompt_len: int) -> int:
-    """Static per-head maximum of selected (non-window) entries, never more than the longest prefix.
+  # ---- budgets -------------------------------------------------------------------------------------
 
-    Uniform needs the largest layer's B'. Adaptive may go to ceil(head_cap_factor * B') of the MEAN B',
-    but never below the largest layer's B' (a pyramid's bottom layer is ~2B'): the padded cache is one
-    size for all layers, so a cap tied to the largest layer would double every layer's padding.
-    """
-    bp = self.selectable(max_prompt_len)
-    bp_max = schedules.max_selectable(self.schedule, bp, num_layers, self.pyramid_beta)
-    if self.allocation == "adaptive":
-      bp_max = max(bp_max, int(-((-bp * _fraction(self.head_cap_factor)) // 1)))
-    return max(min(bp_max, max_prompt_len - self.window), 0)
+  def layer_units(self, num_layers: int, prompt_len_B, page_size: int):
+    """Selectable units per head, int32 [num_layers, B]: entries (token granularity) or whole chunks
+    (page granularity), the window excluded; works on traced lengths.
 
-  def capacity(self, num_layers: int, max_prompt_len: int, extra: int) -> int:
-    """Static entries per head of the compressed cache: cap + window + extra (decode/question room),
-    never more than max_prompt_len + extra."""
-    return min(self.head_cap(num_layers, max_prompt_len) + self.window, max_prompt_len) + extra
-
-  # ---- budgets -----------------------------------------------------------------------------------
-
-  def layer_budgets(self, num_layers: int, prompt_len_B: jax.Array) -> jax.Array:
-    """Per-head average budget INCLUDING the window, int32 [num_layers, B]; works on traced lengths.
-
-    Sums over layers to num_layers * B per sequence. A prompt within its budget (len <= B) gets B in
-    every layer, pyramid or not, so it is kept whole ("nothing to evict").
+    Sums over layers to num_layers * B' (in units) per sequence. Ratio mode rounds B' down to whole
+    pages at page granularity. A prompt within its budget gets its whole prefix in every layer.
     """
     len_B = jnp.asarray(prompt_len_B, jnp.int32).reshape(-1)
     if self.budget is not None:
       bp_B = jnp.full_like(len_B, self.budget - self.window)
     else:
-      kept_B = _floor_mul(len_B, _fraction(1.0 - self.compression_ratio))
-      bp_B = jnp.maximum(kept_B - self.window, 0)
+      bp_B = jnp.maximum(_floor_mul(len_B, _fraction(1.0 - self.compression_ratio)) - self.window, 0)
     prefix_B = jnp.maximum(len_B - self.window, 0)
-    sel_NB = schedules.layer_selectable(self.schedule, bp_B, num_layers, self.pyramid_beta, prefix_B)
-    return (sel_NB + self.window).astype(jnp.int32)
+    if self.granularity == "page":
+      bp_B, prefix_B = bp_B // page_size, prefix_B // page_size
+    sel = schedules.layer_selectable(self.schedule, bp_B, num_layers, self.pyramid_beta, prefix_B)
+    return sel.astype(jnp.int32)
 
-  def check_prompt(self, prompt_lens: list[int]) -> list[str]:
+  def page_needs(self, num_layers: int, prompt_lens, cache_heads: int, room: int, page_size: int):
+    """Host-side pages each head group needs per (layer, sequence), and the most pages one head needs.
+
+    Returns (group_pages [L, B, head_groups] int, head_max [L, B] int). Exact for uniform allocation and
+    page granularity; for token-granular adaptive allocation (only the group total is known before
+    prefill) a bound: kept + room + at most one partial page per head.
+    """
+    if cache_heads % self.head_groups:
+      raise ValueError(f"{cache_heads} cache heads do not split into head_groups={self.head_groups}")
+    lens = np.asarray(prompt_lens, np.int64)
+    units = np.asarray(jax.device_get(self.layer_units(num_layers, lens, page_size)), np.int64)  # [L, B]
+    w, hg, p = self.window, cache_heads // self.head_groups, page_size
+    win = np.minimum(lens, w)[None, :]
+    prefix = np.maximum(lens - w, 0)[None, :]
+    slack = hg if self.floor_mode == "mix" and self.allocation == "adaptive" else 0  # rounding of the mix
+    if self.granularity == "page":
+      chunks = prefix // p
+      tail = win + prefix - chunks * p  # window + the prefix tokens past the last whole chunk
+      base = -(-(tail + room) // p)  # pages of the tail and the room, the same for every head
+      if self.allocation == "uniform":
+        total = hg * np.minimum(units, chunks)
+      else:
+        total = np.minimum(hg * units + slack, hg * chunks)
+      group = hg * base + total
+      head_max = base + np.minimum(total, chunks)
+    else:
+      if self.allocation == "uniform":
+        per_head = -(-(win + np.minimum(units, prefix) + room) // p)
+        group = hg * per_head
+        head_max = per_head
+      else:
+        total = np.minimum(hg * units + slack, hg * prefix)
+        bound = (hg * (win + room + p - 1) + total) // p
+        group = np.minimum(bound, hg * (-(-(win + prefix + room) // p)))
+        head_max = -(-(win + np.minimum(total, prefix) + room) // p)
+    groups = self.head_groups
+    return np.repeat(group[..., None], groups, axis=-1), head_max
+
+  def check_prompt(self, prompt_lens) -> list[str]:
     """Host-side checks before prefill. Returns notes on prompts that will not (fully) be compressed.
 
     Raises ValueError only for prompts the pipeline cannot handle: empty or non-integer lengths. A prompt
@@ -187,85 +224,77 @@ class Press:
     return notes
 
 
-# ---- the per-layer entry point ---------------------------------------------------------------------
+# ---- the per-layer selection -------------------------------------------------------------------------
 
 
-def compress_layer(press: Press, cfg, *, q_win_BHWD: jax.Array, k_BKLD: jax.Array, v_BKLD: jax.Array,
-                   prompt_len_B: jax.Array, budget_B: jax.Array, colsum_BHL: jax.Array | None = None,
-                   rng: jax.Array | None = None, capacity: int, head_cap: int | None = None,
-                   return_positions: bool = False):
-  """Compresses one layer's prompt K/V: (k_c_BHCD, v_c_BHCD, lengths_BH, info).
+def select(press: Press, q_win_BHWD: jax.Array, k_BKLD: jax.Array, prompt_len_B: jax.Array,
+           units_B: jax.Array, *, page_size: int, colsum_BHL: jax.Array | None = None,
+           rng: jax.Array | None = None, groups: int | None = None):
+  """Chooses one layer's kept entries: (keep_BHL bool over cache heads, info).
 
-  budget_B: this layer's row of press.layer_budgets (incl. window). capacity: static, normally
-  press.capacity(cfg.num_layers, max_prompt_len, extra). Each head holds its kept prefix entries in
-  ascending position order followed by the window, zero-padded to `capacity`.
+  q_win_BHWD: the last w queries of each right-padded prompt (after RoPE; slots before position 0 are
+  garbage and masked); k_BKLD: the layer's keys; units_B: this layer's row of press.layer_units;
+  colsum_BHL: attention summed over the prompt queries (H2O only); groups: head groups selecting their
+  own share (default press.head_groups; a mesh shard passes its own count).
   info: "budgets" [B, H'] kept entries incl. window; "retained_mass" [B] the window queries' attention
-  mass (softmax over all valid keys) on kept entries, averaged over queries and query heads;
-  "positions" [B, H', capacity] absolute positions, -1 for padding (if return_positions).
+  mass (softmax over all valid keys) on kept entries, averaged over queries and query heads.
   """
   b, kh, n, d = k_BKLD.shape
   w = press.window
-  if q_win_BHWD.shape != (b, cfg.num_heads, w, d):
-    raise ValueError(f"q_win_BHWD has shape {q_win_BHWD.shape}, expected {(b, cfg.num_heads, w, d)}")
-  hp = press.cache_heads(cfg)
-  group = cfg.num_heads // kh if press.gqa == "query" else 1
+  if q_win_BHWD.ndim != 4 or q_win_BHWD.shape[0] != b or q_win_BHWD.shape[2:] != (w, d) \
+      or q_win_BHWD.shape[1] % kh:
+    raise ValueError(f"q_win_BHWD has shape {q_win_BHWD.shape}, expected [B={b}, H (a multiple of K={kh}), "
+                     f"window={w}, D={d}]")
+  groups = press.head_groups if groups is None else groups
+  hp = scorers.cache_heads_of(q_win_BHWD, k_BKLD, press)
+  if hp % groups:
+    raise ValueError(f"{hp} cache heads do not split into head_groups={groups}")
 
   len_B = jnp.asarray(prompt_len_B, jnp.int32).reshape(b)
   prefix_B = jnp.maximum(len_B - w, 0)
   pos_L = jnp.arange(n, dtype=jnp.int32)
   prefix_BL = pos_L[None, :] < prefix_B[:, None]
-  window_BL = (pos_L[None, :] >= prefix_B[:, None]) & (pos_L[None, :] < len_B[:, None])
-
-  raw_BHL = scorers.SCORERS[press.scorer](q_win_BHWD, k_BKLD, colsum_BHL, len_B, rng, press, cfg)
+  raw_BHL = scorers.SCORERS[press.scorer](q_win_BHWD, k_BKLD, colsum_BHL, len_B, rng, press)
   scores_BHL = scorers.finish_scores(raw_BHL, prefix_BL, press)
 
-  bp_B = jnp.maximum(jnp.asarray(budget_B, jnp.int32).reshape(b) - w, 0)
-  # head_cap: the static cap the caller sized `capacity` with (press.head_cap at the longest REAL
-  # prompt); the padded length n would give more in ratio mode and eat the room left for decoding.
-  cap = press.head_cap(cfg.num_layers, n) if head_cap is None else head_cap
-  cap = min(cap, max(capacity - w, 0))
+  units_B = jnp.asarray(units_B, jnp.int32).reshape(b)
+  if press.granularity == "page":
+    chunks_B = prefix_B // page_size
+    scores = scorers.chunk_scores(scores_BHL, chunks_B, page_size, press.chunk_score)
+    tail_start_B = chunks_B * page_size
+  else:
+    scores = scores_BHL
+    tail_start_B = prefix_B
+  keep_units = _allocate_in_groups(press, scores, units_B, groups)
+  if press.granularity == "page":
+    c = scores.shape[-1]
+    keep_BHL = jnp.zeros((b, hp, n), bool).at[:, :, :c * page_size].set(
+        jnp.repeat(keep_units, page_size, axis=-1))
+  else:
+    keep_BHL = keep_units
+  tail_BL = (pos_L[None, :] >= tail_start_B[:, None]) & (pos_L[None, :] < len_B[:, None])
+  keep_BHL = keep_BHL | tail_BL[:, None, :]
+  info = {"budgets": jnp.sum(keep_BHL, axis=-1, dtype=jnp.int32),
+          "retained_mass": retained_mass(q_win_BHWD, k_BKLD, len_B, keep_BHL, press)}
+  return keep_BHL, info
+
+
+def _allocate_in_groups(press: Press, scores_BHN, units_B, groups: int):
+  """The allocation rule inside each head group: groups fold into the batch axis of `allocate`."""
+  b, h, n = scores_BHN.shape
+  hg = h // groups
+  s = scores_BHN.reshape(b * groups, hg, n)
+  units = jnp.repeat(units_B, groups)
   if press.allocation == "uniform":
     mode = "uniform"
   else:
     mode = "adaptive" if press.floor_mode == "reserve" else "mix"
-  keep_BHL, _ = allocation.allocate(scores_BHL, hp * bp_B, _floor_mul(bp_B, _fraction(press.floor_alpha)),
-                                    cap, mode, alpha=press.floor_alpha, backend=press.backend)
-  keep_BHL = keep_BHL | window_BL[:, None, :]
-
-  positions_BHC, lengths_BH = _positions(keep_BHL, capacity)
-  k_c, v_c = _gather(k_BKLD, v_BKLD, positions_BHC, group)
-  info = {"budgets": lengths_BH, "retained_mass": _retained_mass(q_win_BHWD, k_BKLD, len_B, keep_BHL, press)}
-  if return_positions:
-    info["positions"] = positions_BHC
-  return k_c, v_c, lengths_BH, info
+  keep, _ = allocation.allocate(s, hg * units, _floor_mul(units, _fraction(press.floor_alpha)), mode,
+                                alpha=press.floor_alpha, backend=press.backend)
+  return keep.reshape(b, h, n)
 
 
-def _positions(keep_BHL: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
-  """Kept positions in ascending order, -1-padded to capacity (a cumsum scatter; entries past capacity
-  are dropped, which a capacity from Press.capacity never causes)."""
-  b, h, n = keep_BHL.shape
-  slot_BHL = jnp.where(keep_BHL, jnp.cumsum(keep_BHL, axis=-1, dtype=jnp.int32) - 1, capacity)
-  bi = jnp.arange(b)[:, None, None]
-  hi = jnp.arange(h)[None, :, None]
-  pos_BHL = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, h, n))
-  positions = jnp.full((b, h, capacity), -1, jnp.int32).at[bi, hi, slot_BHL].set(pos_BHL, mode="drop")
-  lengths = jnp.minimum(jnp.sum(keep_BHL, axis=-1, dtype=jnp.int32), capacity)
-  return positions, lengths
-
-
-def _gather(k_BKLD, v_BKLD, positions_BHC, group: int):
-  """Cache head h reads KV head h // group (group > 1 only for gqa="query"); padding slots are zero."""
-  b, h, _ = positions_BHC.shape
-  bi = jnp.arange(b)[:, None, None]
-  ki = (jnp.arange(h) // group)[None, :, None]
-  idx = jnp.maximum(positions_BHC, 0)
-  live = (positions_BHC >= 0)[..., None]
-  k_c = jnp.where(live, k_BKLD[bi, ki, idx], 0).astype(k_BKLD.dtype)
-  v_c = jnp.where(live, v_BKLD[bi, ki, idx], 0).astype(v_BKLD.dtype)
-  return k_c, v_c
-
-
-def _retained_mass(q_win_BHWD, k_BKLD, len_B, keep_BHL, press) -> jax.Array:
+def retained_mass(q_win_BHWD, k_BKLD, len_B, keep_BHL, press) -> jax.Array:
   """The paper's quantity: attention mass the window queries keep on the kept entries ([B], 1 = all)."""
   probs_BHWL, qvalid_BW = scorers.window_attention(q_win_BHWD, k_BKLD, len_B)
   h = probs_BHWL.shape[1]
@@ -300,7 +329,22 @@ def make_press(name: str, **overrides) -> Press | None:
     raise ValueError(f"unknown press {name!r}; valid: {', '.join(PRESETS)}")
   fields = PRESETS[name]
   if fields is None:
+    if overrides:
+      raise ValueError(f"press 'full' keeps the whole cache: {', '.join(sorted(overrides))} would have no "
+                       "effect")
     return None
   if overrides.get("compression_ratio") is not None and "budget" not in overrides:
     overrides["budget"] = None
   return Press(**{**fields, **overrides})
+
+
+def press_label(press: Press | None) -> str:
+  """A short name for tables: the preset it matches (else its scorer) @ budget or ratio, granularity."""
+  if press is None:
+    return "full"
+  key = (press.scorer, press.allocation, press.schedule)
+  names = {(v["scorer"], v["allocation"], v.get("schedule", "flat")): k
+           for k, v in PRESETS.items() if v is not None}
+  size = f"@{press.budget}" if press.budget is not None else f"@r{press.compression_ratio}"
+  return names.get(key, f"{press.scorer}-{press.allocation}-{press.schedule}") + size + (
+      "/page" if press.granularity == "page" else "")
