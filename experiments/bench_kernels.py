@@ -1,25 +1,29 @@
-"""Kernel benchmark: ragged decode attention vs the sum of lengths, skewed vs uniform budgets, top-k.
+"""Kernel benchmark: paged decode attention bandwidth vs fill and skew, the XLA path's formulations, top-k.
 
-At a fixed cache capacity, times one decode step of `ragged_decode_attention` as every head's length goes
-from 12.5% to 100% of the capacity (the kernel should follow the fill: at 25% it should take at most ~35%
-of the full-capacity time), and with skewed per-head lengths against uniform ones of the same total (the
-two should be within ~10%). Each Pallas timing sits beside the dense XLA reference, whose cost follows the
-capacity. Also times `cross_head_topk` against its lax.top_k reference.
+Paged decode (`paged_attention`, T = 1) over a pool sized for every head at full capacity, the page
+table a random permutation of the pool: one decode step is timed as every head's length goes through
+--fills of the capacity, and with skewed per-head lengths (Ada-KV-like budgets) against uniform ones of
+the same total. Achieved bandwidth counts the K/V bytes of the live pages (what a length-following
+kernel must read) per second, against --peak-gbps (default: the H200's 4800 GB/s).
 
-On a GPU or TPU the kernels compile natively and the script reports achieved bandwidth (live K/V bytes
-read per second) against the device's peak. On CPU the Pallas kernels only run in the interpreter: those
-timings are recorded with `meaningful: false` and say nothing about performance. What does carry over
-from CPU is `modeled_fetch_fraction`: the share of the capacity's K/V blocks the TPU kernel's clamped
-index maps fetch, counted from the same rule the kernel uses (checked by tests/kernels).
+The XLA path (`paged_attention_xla`, what CPU users run) has two formulations, all pool rows in one
+GEMM or a per-head gather of pages; the crossover section times both as the number of query rows
+B * K * G * T grows, which is how XLA_ALL_ROWS_MAX_QUERY_ROWS was chosen. Also times `cross_head_topk`
+against its lax.top_k reference.
 
-    python experiments/bench_kernels.py           # accelerator sizes (bf16, capacity 16384)
-    python experiments/bench_kernels.py --quick   # small CPU smoke run, ~1 min on 2 cores
+On a GPU or TPU the kernels compile natively. On CPU the Pallas kernels run in the interpreter: those
+timings are recorded with `meaningful: false` and say nothing about performance (--quick is a
+rehearsal of the script). The XLA crossover is meaningful on CPU, where that path runs in production.
+
+    python experiments/bench_kernels.py           # accelerator sizes: bf16, 8 x 8 heads x 16K entries
+    python experiments/bench_kernels.py --quick   # CPU rehearsal, under a minute on 2 cores
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import platform
 import time
 
@@ -30,16 +34,8 @@ import numpy as np
 from tqdm import tqdm
 
 from pallas_kernels import backend as backend_lib
+from pallas_kernels import paged_attention as pa
 from pallas_kernels.cross_head_topk import cross_head_topk
-from pallas_kernels.ragged_decode_attention import _default_block_size, ragged_decode_attention
-
-# Peak HBM bandwidth (bytes/s) by jax device_kind prefix, from the vendors' datasheets.
-PEAK_BW = {
-    "NVIDIA H200": 4.8e12, "NVIDIA H100 PCIe": 2.0e12, "NVIDIA H100": 3.35e12,
-    "NVIDIA A100-SXM4-80GB": 2.039e12, "NVIDIA A100": 1.555e12, "NVIDIA L4": 0.3e12,
-    "TPU v4": 1.2e12, "TPU v5 lite": 0.819e12, "TPU v5e": 0.819e12, "TPU v5": 2.765e12,
-    "TPU v6 lite": 1.64e12, "TPU v6e": 1.64e12,
-}
 
 
 def parse_args():
@@ -48,20 +44,29 @@ def parse_args():
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--kv-heads", type=int, default=8)
   p.add_argument("--group", type=int, default=4, help="query heads per KV head")
-  p.add_argument("--capacity", type=int, default=16384)
+  p.add_argument("--capacity", type=int, default=16384, help="entries per head at 100%% fill")
   p.add_argument("--head-dim", type=int, default=128)
+  p.add_argument("--page-size", type=int, default=16)
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-  p.add_argument("--block-size", type=int, default=None, help="default: the kernel's own choice")
-  p.add_argument("--fills", type=float, nargs="+", default=[0.125, 0.25, 0.5, 1.0])
+  p.add_argument("--pages-per-block", type=int, default=None, help="default: the kernel's own choice")
+  p.add_argument("--num-splits", type=int, default=None, help="default: the kernel's own choice")
+  p.add_argument("--fills", type=float, nargs="+", default=[0.25, 0.5, 1.0])
   p.add_argument("--skew-fills", type=float, nargs="+", default=[0.25, 0.5],
                  help="mean fills at which skewed and uniform lengths are compared")
+  p.add_argument("--peak-gbps", type=float, default=4800.0, help="the device's peak HBM bandwidth")
+  p.add_argument("--xla-shape", type=int, nargs=5, default=[1, 3, 3, 64, 4096],
+                 metavar=("B", "K", "G", "D", "CAP"), help="XLA crossover shape (default SmolLM2-like)")
+  p.add_argument("--xla-chunks", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 32],
+                 help="chunk lengths T of the XLA crossover (query rows B * K * G * T)")
+  p.add_argument("--xla-dtype", default="float32", choices=["bfloat16", "float32"])
   p.add_argument("--topk", type=int, nargs=3, default=[4, 32, 4096], metavar=("B", "H", "N"))
   p.add_argument("--reps", type=int, default=20, help="timed runs (at most 3 for interpreted Pallas)")
   p.add_argument("--seed", type=int, default=0)
   a = p.parse_args()
   if a.quick:
-    a.batch, a.kv_heads, a.group, a.capacity, a.head_dim = 2, 4, 4, 512, 64
-    a.dtype, a.block_size, a.topk = "float32", 64, [2, 4, 512]
+    a.batch, a.kv_heads, a.group, a.capacity, a.head_dim = 2, 2, 2, 256, 64
+    a.dtype, a.topk, a.reps = "float32", [2, 4, 512], 5
+    a.xla_shape, a.xla_chunks = [1, 3, 3, 64, 1024], [1, 4, 16]
   return a
 
 
@@ -82,6 +87,15 @@ def skewed_lengths(rng, batch: int, heads: int, cap: int, mean_fill: float) -> n
   return out
 
 
+def paged_pool(rng, batch, heads, cap, page, d, dtype):
+  """K/V pools sized for every head at full capacity, and a page table that permutes the pool."""
+  m = -(-cap // page)
+  n = batch * heads * m
+  table = rng.permutation(n).astype(np.int32).reshape(batch, heads, m)
+  kp, vp = (jnp.asarray(rng.standard_normal((n, page, d), np.float32), dtype) for _ in "kv")
+  return kp, vp, jnp.asarray(table)
+
+
 def time_fn(fn, args, reps: int) -> dict:
   """Compile + first run apart, then `reps` timed runs (each block_until_ready): median and min."""
   t0 = time.perf_counter()
@@ -95,65 +109,38 @@ def time_fn(fn, args, reps: int) -> dict:
   return {"first_call_s": first, "median_s": float(np.median(runs)), "min_s": float(np.min(runs))}
 
 
-def live_bytes(lens: np.ndarray, d: int, itemsize: int) -> int:
-  """K and V bytes a length-following kernel must read."""
-  return int(lens.sum()) * 2 * d * itemsize
+def live_page_bytes(lens: np.ndarray, page: int, d: int, itemsize: int) -> int:
+  """K and V bytes of the live pages: what a length-following paged kernel reads."""
+  return int((-(-lens // page)).sum()) * page * 2 * d * itemsize
 
 
-def modeled_fetch_fraction(lens: np.ndarray, cap: int, block: int) -> float:
-  """Share of the capacity's K/V blocks the TPU kernel fetches: each head fetches its live blocks once
-  (an empty head still names block 0); every dead grid step re-names the block already resident."""
-  blocks = np.maximum(-(-lens // block), 1)
-  return float(blocks.sum() / (lens.size * -(-cap // block)))
-
-
-def peak_bandwidth(kind: str) -> float | None:
-  for prefix in sorted(PEAK_BW, key=len, reverse=True):
-    if kind.startswith(prefix):
-      return PEAK_BW[prefix]
-  return None
-
-
-def main():
-  a = parse_args()
-  plat = jax.default_backend()
-  meaningful = plat in ("gpu", "tpu")
-  dev = jax.devices()[0]
+def attention_section(a, rng, meaningful, reps_for):
   dtype = jnp.dtype(a.dtype)
-  b, k, g, c, d = a.batch, a.kv_heads, a.group, a.capacity, a.head_dim
-  lowering = backend_lib.resolve_lowering(None)
-  block = a.block_size or _default_block_size(c, lowering)
-  rng = np.random.default_rng(a.seed)
+  b, k, g, c, d, page = a.batch, a.kv_heads, a.group, a.capacity, a.head_dim, a.page_size
+  kp, vp, table = paged_pool(rng, b, k, c, page, d, dtype)
   q = jnp.asarray(rng.standard_normal((b, k, g, d)), dtype)
-  kc, vc = (jnp.asarray(rng.standard_normal((b, k, c, d)), dtype) for _ in "kv")
   paths = {
-      "xla_reference": jax.jit(lambda *x: ragged_decode_attention(*x, backend="xla")),
-      "pallas": jax.jit(lambda *x: ragged_decode_attention(*x, block_size=block, backend="pallas")),
+      "pallas": jax.jit(functools.partial(pa.paged_decode_attention, backend="pallas",
+                                          pages_per_block=a.pages_per_block, num_splits=a.num_splits)),
+      "xla": jax.jit(lambda *x: pa.paged_attention_xla(x[0][:, :, :, None], *x[1:])[:, :, :, 0]),
   }
-  peak = peak_bandwidth(dev.device_kind) if meaningful else None
-
   cases = [("fill", f, np.full((b, k), round(f * c))) for f in a.fills]
   for f in a.skew_fills:
     cases += [("uniform", f, np.full((b, k), round(f * c))),
               ("skewed", f, skewed_lengths(rng, b, k, c, f))]
-  # Interpreted Pallas on CPU is slow and its timing means little: few reps there, more elsewhere.
-  reps_for = lambda name: a.reps if meaningful or name != "pallas" else min(a.reps, 3)
   rows = []
-  for kind, fill, lens in tqdm(cases, desc="attention cases"):
-    lens_BK = jnp.asarray(lens, jnp.int32)
+  for kind, fill, lens in tqdm(cases, desc="paged decode"):
     row = {"case": kind, "fill": fill, "sum_lengths": int(lens.sum()),
            "lengths_min_max": [int(lens.min()), int(lens.max())],
-           "modeled_fetch_fraction": modeled_fetch_fraction(lens, c, block)}
-    nbytes = live_bytes(lens, d, dtype.itemsize)
+           "live_page_bytes": live_page_bytes(lens, page, d, dtype.itemsize)}
     for name, fn in paths.items():
-      t = time_fn(fn, (q, kc, vc, lens_BK), reps_for(name))
+      t = time_fn(fn, (q, kp, vp, table, jnp.asarray(lens, jnp.int32)), reps_for(name))
+      t["achieved_GBps"] = row["live_page_bytes"] / t["median_s"] / 1e9
+      t["fraction_of_peak"] = t["achieved_GBps"] / a.peak_gbps
+      t["meaningful"] = meaningful or name == "xla"
       row[name] = t
-      if meaningful:
-        t["achieved_bw_GBps"] = nbytes / t["median_s"] / 1e9
-        t["fraction_of_peak"] = None if peak is None else nbytes / t["median_s"] / peak
     rows.append(row)
 
-  # Acceptance ratios (only meaningful where the kernel compiles natively).
   def med(kind, fill, path):
     return next(r[path]["median_s"] for r in rows if r["case"] == kind and r["fill"] == fill)
 
@@ -166,16 +153,62 @@ def main():
     for path in paths:
       checks[f"{path}_skewed_over_uniform_at_{f}"] = med("skewed", f, path) / med("uniform", f, path)
   checks["skew_target_max"] = 1.10
+  shape = {"batch": b, "kv_heads": k, "group": g, "capacity": c, "head_dim": d, "page_size": page,
+           "pool_pages": int(kp.shape[0]), "dtype": a.dtype,
+           "pages_per_block": a.pages_per_block or pa.default_pages_per_block(
+               page, table.shape[2], backend_lib.resolve_lowering(None), dtype.itemsize)}
+  return {"shape": shape, "rows": rows, "checks": checks}
 
+
+def xla_crossover_section(a, rng):
+  """Both XLA formulations at 50% fill as the query rows grow (the chunk length T)."""
+  b, k, g, d, c = a.xla_shape
+  page, dtype = a.page_size, jnp.dtype(a.xla_dtype)
+  kp, vp, table = paged_pool(rng, b, k, c, page, d, dtype)
+  lens = jnp.asarray(rng.integers(c // 4, 3 * c // 4 + 1, size=(b, k)), jnp.int32)
+  scale = 1.0 / np.sqrt(d)
+  prec = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+  forms = {
+      "all_rows": jax.jit(functools.partial(pa._all_rows_attention, sm_scale=scale)),
+      "gathered": jax.jit(functools.partial(pa._gathered_attention, sm_scale=scale,
+                                            compute_dtype=dtype, precision=prec)),
+  }
+  rows = []
+  for t in tqdm(a.xla_chunks, desc="XLA formulations"):
+    q = jnp.asarray(rng.standard_normal((b, k, g, t, d)), dtype)
+    row = {"chunk": t, "query_rows": b * k * g * t,
+           "chosen": "all_rows" if b * k * g * t <= pa.XLA_ALL_ROWS_MAX_QUERY_ROWS else "gathered"}
+    for name, fn in forms.items():
+      row[name] = time_fn(fn, (q, kp, vp, table, lens), a.reps)
+    rows.append(row)
+  return {"shape": {"batch": b, "kv_heads": k, "group": g, "head_dim": d, "capacity": c,
+                    "page_size": page, "pool_pages": int(kp.shape[0]), "dtype": a.xla_dtype},
+          "threshold_query_rows": pa.XLA_ALL_ROWS_MAX_QUERY_ROWS, "rows": rows}
+
+
+def topk_section(a, rng, reps_for):
   tb, th, tn = a.topk
   scores = jnp.asarray(rng.standard_normal((tb, th, tn)), jnp.float32)
   cap = tn // 2
   total, floor = jnp.full((tb,), th * tn // 8, jnp.int32), jnp.full((tb,), tn // 32, jnp.int32)
-  topk = {}
+  out = {"shape": [tb, th, tn], "cap": cap}
   for name, bk in tqdm([("xla_reference", "xla"), ("pallas", "pallas")], desc="top-k"):
     fn = jax.jit(lambda s, t, f, bk=bk: cross_head_topk(s, t, f, cap, backend=bk))
-    topk[name] = time_fn(fn, (scores, total, floor), reps_for(name))
+    out[name] = time_fn(fn, (scores, total, floor), reps_for(name))
+  return out
 
+
+def main():
+  a = parse_args()
+  plat = jax.default_backend()
+  meaningful = plat in ("gpu", "tpu")
+  dev = jax.devices()[0]
+  rng = np.random.default_rng(a.seed)
+  # Interpreted Pallas on CPU is slow and its timing means little: few reps there, more elsewhere.
+  reps_for = lambda name: a.reps if meaningful or name != "pallas" else min(a.reps, 3)
+  attention = attention_section(a, rng, meaningful, reps_for)
+  crossover = xla_crossover_section(a, rng)
+  topk = topk_section(a, rng, reps_for)
   payload = {
       "script": "bench_kernels.py",
       "args": vars(a),
@@ -186,53 +219,64 @@ def main():
       "device_kind": dev.device_kind,
       "platform": platform.platform(),
       "backend_platform": plat,
-      "pallas_lowering": lowering,
+      "pallas_lowering": backend_lib.resolve_lowering(None),
       "pallas_interpret": backend_lib.default_interpret(),
       "meaningful": meaningful,
       "note": ("native kernels" if meaningful else
-               "CPU: the Pallas kernels ran in JAX's interpreter (TPU-style kernel under the TPU "
-               "interpreter); their timings are not performance numbers. modeled_fetch_fraction is the "
-               "exact share of K/V blocks the TPU kernel's index maps fetch."),
-      "shape": {"batch": b, "kv_heads": k, "group": g, "capacity": c, "head_dim": d,
-                "dtype": a.dtype, "block_size": block},
-      "peak_bandwidth_GBps": None if peak is None else peak / 1e9,
-      "attention": rows,
-      "checks": checks,
-      "topk": {"shape": [tb, th, tn], "cap": cap, **topk},
+               "CPU: the Pallas kernels ran in JAX's interpreter (the TPU-style kernel under the TPU "
+               "interpreter); their timings and bandwidths are not performance numbers. The XLA path's "
+               "timings are CPU numbers (on a shared machine: noisy)."),
+      "peak_bandwidth_GBps": a.peak_gbps,
+      "attention": attention,
+      "xla_crossover": crossover,
+      "topk": topk,
   }
   name = common.out_name("bench_kernels", a.quick)
   common.write_json(name, payload)
   common.print_table(
-      [{"case": r["case"], "fill": r["fill"], "fetch_frac": r["modeled_fetch_fraction"],
-        **{f"{p}_ms": r[p]["median_s"] * 1e3 for p in paths}} for r in rows],
-      ["case", "fill", "fetch_frac", *(f"{p}_ms" for p in paths)])
-  plot(rows, paths, payload, name)
+      [{"case": r["case"], "fill": r["fill"],
+        **{f"{p}_ms": r[p]["median_s"] * 1e3 for p in ("pallas", "xla")},
+        **{f"{p}_GBps": r[p]["achieved_GBps"] for p in ("pallas", "xla")}} for r in attention["rows"]],
+      ["case", "fill", "pallas_ms", "xla_ms", "pallas_GBps", "xla_GBps"])
+  common.print_table(
+      [{"query_rows": r["query_rows"], "chosen": r["chosen"],
+        **{f"{f}_ms": r[f]["median_s"] * 1e3 for f in ("all_rows", "gathered")}}
+       for r in crossover["rows"]], ["query_rows", "chosen", "all_rows_ms", "gathered_ms"])
+  plot(payload, name)
 
 
-def plot(rows, paths, payload, name):
+def plot(payload, name):
   plt = common.pyplot()
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+  fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
+  rows = payload["attention"]["rows"]
+  paths = ("pallas", "xla")
   fill_rows = [r for r in rows if r["case"] == "fill"]
-  fills = [r["fill"] for r in fill_rows]
-  full = {p: next(r[p]["median_s"] for r in fill_rows if r["fill"] == 1.0) for p in paths}
   for p in paths:
-    ax1.plot(fills, [r[p]["median_s"] / full[p] for r in fill_rows], "o-", label=p)
-  ax1.plot(fills, [r["modeled_fetch_fraction"] for r in fill_rows], "k--",
-           label="K/V blocks fetched (TPU index maps)")
-  ax1.axhline(0.35, color="grey", lw=0.8, ls=":")
-  ax1.set(xlabel="fill (sum of lengths / (heads x capacity))", ylabel="time / time at full capacity",
-          title="decode step vs fill", ylim=(0, 1.3))
+    ax1.plot([r["fill"] for r in fill_rows], [r[p]["fraction_of_peak"] for r in fill_rows], "o-",
+             label=p)
+  ax1.set(xlabel="fill (each head's length / capacity)",
+          ylabel=f"live K/V bytes / time / peak ({payload['peak_bandwidth_GBps']:.0f} GB/s)",
+          title="paged decode: achieved bandwidth", ylim=(0, None))
   ax1.legend(fontsize=8)
   skew = sorted({r["fill"] for r in rows if r["case"] == "skewed"})
   width = 0.8 / len(paths)
   for i, p in enumerate(paths):
-    ratio = [payload["checks"][f"{p}_skewed_over_uniform_at_{f}"] for f in skew]
+    ratio = [payload["attention"]["checks"][f"{p}_skewed_over_uniform_at_{f}"] for f in skew]
     ax2.bar(np.arange(len(skew)) + (i - (len(paths) - 1) / 2) * width, ratio, width, label=p)
   ax2.axhline(1.10, color="grey", lw=0.8, ls=":")
   ax2.set_xticks(np.arange(len(skew)), [f"mean fill {f}" for f in skew])
   ax2.set(ylabel="time skewed / time uniform", title="skewed vs uniform lengths, same total")
   ax2.legend(fontsize=8)
-  tag = "" if payload["meaningful"] else " (CPU: Pallas interpreted, timings not meaningful)"
+  cross = payload["xla_crossover"]
+  qr = [r["query_rows"] for r in cross["rows"]]
+  for f in ("all_rows", "gathered"):
+    ax3.plot(qr, [r[f]["median_s"] * 1e3 for r in cross["rows"]], "o-", label=f)
+  ax3.axvline(cross["threshold_query_rows"] + 0.5, color="grey", lw=0.8, ls=":",
+              label="XLA_ALL_ROWS_MAX_QUERY_ROWS")
+  ax3.set(xscale="log", yscale="log", xlabel="query rows B*K*G*T", ylabel="ms",
+          title=f"XLA path formulations ({cross['shape']['dtype']}, {payload['backend_platform']})")
+  ax3.legend(fontsize=8)
+  tag = "" if payload["meaningful"] else " (CPU: Pallas interpreted, its timings not meaningful)"
   fig.suptitle(f"{payload['device_kind']}{tag}", fontsize=10)
   common.save_png(fig, name)
 

@@ -1,7 +1,9 @@
 """Cross-head top-k: the radix-select kernel must equal the lax.top_k reference bit for bit.
 
 Shapes and caps are fixed per compiled function (static cap), so hypothesis varies only the data and
-each example reuses one compile. Scores come from a tiny set of values to force heavy ties.
+each example reuses one compile. Scores come from a tiny set of values to force heavy ties. Kernel
+calls pass interpret=None: native on an accelerator (the platform's own lowering unless a test names
+one), interpreted on CPU (tests/kernels/gating.py).
 """
 
 import functools
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 
 from pallas_kernels.cross_head_topk import cross_head_topk, cross_head_topk_reference
 from pallas_kernels.cross_head_topk import greedy_oracle as _greedy_oracle
+from tests.kernels.gating import lowering_param
 
 B, H, N = 4, 3, 20
 TIE_VALUES = np.array([0.5, 0.25, 0.0, -0.0, -1.0, -np.inf], np.float32)
@@ -22,8 +25,7 @@ TIE_VALUES = np.array([0.5, 0.25, 0.0, -0.0, -1.0, -np.inf], np.float32)
 
 @functools.cache
 def _kernel(cap, lowering):
-  return jax.jit(lambda s, t, f: cross_head_topk(s, t, f, cap, backend="pallas", interpret=True,
-                                                 lowering=lowering))
+  return jax.jit(lambda s, t, f: cross_head_topk(s, t, f, cap, backend="pallas", lowering=lowering))
 
 
 @functools.cache
@@ -31,7 +33,7 @@ def _reference(cap):
   return jax.jit(lambda s, t, f: cross_head_topk_reference(s, t, f, cap))
 
 
-def _check(scores, total, floor, cap, lowering="tpu"):
+def _check(scores, total, floor, cap, lowering=None):
   s, t, f = jnp.asarray(scores, jnp.float32), jnp.asarray(total), jnp.asarray(floor)
   keep, budgets = _kernel(cap, lowering)(s, t, f)
   keep_ref, budgets_ref = _reference(cap)(s, t, f)
@@ -46,10 +48,10 @@ def test_spec_worked_example():
   s = np.array([[.32, .01, .18, .08, .22, .19],
                 [.89, .01, .05, .02, .01, .02],
                 [.68, .01, .08, .04, .09, .10]], np.float32)[None]
-  keep, budgets = cross_head_topk(s, 6, 0, 6, backend="pallas", interpret=True)
+  keep, budgets = cross_head_topk(s, 6, 0, 6, backend="pallas")
   np.testing.assert_array_equal(budgets, [[4, 1, 1]])
   np.testing.assert_allclose(np.sum(np.where(keep, s, 0)), 2.48, atol=1e-6)
-  _, budgets = cross_head_topk(s, 6, 2, 2, backend="pallas", interpret=True)
+  _, budgets = cross_head_topk(s, 6, 2, 2, backend="pallas")
   np.testing.assert_array_equal(budgets, [[2, 2, 2]])
 
 
@@ -69,7 +71,7 @@ def test_kernel_equals_reference_and_greedy(cap, data):
   assert (budgets <= min(cap, N)).all()
 
 
-@pytest.mark.parametrize("lowering", ["tpu", "triton"])
+@pytest.mark.parametrize("lowering", [lowering_param("tpu"), lowering_param("triton")])
 def test_seeded_ties_floors_caps(lowering):
   """Many sequences per call: each row of the batch a different (total, floor) regime."""
   rng = np.random.default_rng(0)
@@ -99,8 +101,7 @@ def test_nan_and_signed_zero_rank_like_lax_top_k():
 
 def test_bf16_scores_are_upcast():
   s = jnp.asarray(np.random.default_rng(2).standard_normal((B, H, N)), jnp.bfloat16)
-  keep, budgets = jax.jit(lambda s: cross_head_topk(s, 12, 1, 8, backend="pallas",  # scalars broadcast
-                                                    interpret=True))(s)
+  keep, budgets = jax.jit(lambda s: cross_head_topk(s, 12, 1, 8, backend="pallas"))(s)  # scalars broadcast
   keep_ref, budgets_ref = _reference(8)(s, jnp.full(B, 12), jnp.ones(B, jnp.int32))
   np.testing.assert_array_equal(keep, keep_ref)
   np.testing.assert_array_equal(budgets, budgets_ref)
