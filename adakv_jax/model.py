@@ -381,7 +381,8 @@ def _write_and_attend(q_BKGTD, k_pages, v_pages, table_BKM, len_BK, k_BKTD, v_BK
   """One layer of a shard: write the T new entries, then attend over each head's live entries."""
   k_pages, v_pages = write_new_entries(k_pages, v_pages, table_BKM, len_BK, k_BKTD, v_BKTD, n_valid_B)
   t = q_BKGTD.shape[3]
-  o = paged_attention(q_BKGTD, k_pages, v_pages, table_BKM, len_BK + t, backend=backend)
+  # fresh pages are zeros and only model outputs are written: dead entries are finite
+  o = paged_attention(q_BKGTD, k_pages, v_pages, table_BKM, len_BK + t, backend=backend, finite_dead=True)
   return o, k_pages, v_pages
 
 

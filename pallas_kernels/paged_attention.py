@@ -22,7 +22,8 @@ Implementations (all equal to `paged_attention_reference`, tests/kernels/test_pa
   the fast primitive. So, for few query rows, every pool row is scored against every query row in one
   GEMM and a mask built from the inverse of the page table (over live pages only) keeps each query row
   to its own head's visible entries: the GEMMs read each pool page once and nothing is gathered (V's
-  dead rows are zeroed first, one elementwise pass, since they may hold NaN). That work grows with the
+  dead rows are zeroed first, one elementwise pass, since they may hold NaN, unless the caller says they
+  are finite: `finite_dead`, which the library's own cache guarantees). That work grows with the
   number of query rows; past `XLA_ALL_ROWS_MAX_QUERY_ROWS` the pages are gathered per head instead.
 - Pallas "tpu" (Mosaic): grid (B, K, splits); page table and lengths are scalar-prefetched into SMEM;
   the pools stay in HBM (memory_space=pl.ANY) and each program copies its head's live pages into a
@@ -168,7 +169,8 @@ def _pool_inverse(page_table_BKM, lengths_BK, num_pages, page_size):
   return owner_N, index_N
 
 
-def _all_rows_attention(q_BKGTD, k_pages_NPD, v_pages_NPD, page_table_BKM, lengths_BK, *, sm_scale):
+def _all_rows_attention(q_BKGTD, k_pages_NPD, v_pages_NPD, page_table_BKM, lengths_BK, *, sm_scale,
+                        finite_dead: bool):
   """Every pool row against every query row: S = q @ rows_k^T [Q, N * P], each query row masked to
   the entries its own head may see, row softmax, then p @ rows_v. No gather of K or V."""
   b, kh, g, chunk, d = q_BKGTD.shape
@@ -192,9 +194,9 @@ def _all_rows_attention(q_BKGTD, k_pages_NPD, v_pages_NPD, page_table_BKM, lengt
   m_Q1 = jnp.max(s_QR, axis=1, keepdims=True)
   p_QR = jnp.exp(s_QR - jnp.where(jnp.isfinite(m_Q1), m_Q1, 0.0))
   l_Q1 = jnp.sum(p_QR, axis=1, keepdims=True)
-  # Dead rows may hold NaN and 0 * NaN = NaN: zero them before the second product.
-  live_R1 = ((owner_R >= 0) & (pos_R < len_R))[:, None]
-  rows_v = jnp.where(live_R1, rows_v, jnp.zeros((), dtype))
+  if not finite_dead:  # dead rows may hold NaN and 0 * NaN = NaN: zero them before the second product
+    live_R1 = ((owner_R >= 0) & (pos_R < len_R))[:, None]
+    rows_v = jnp.where(live_R1, rows_v, jnp.zeros((), dtype))
   o_QD = lax.dot_general(p_QR.astype(dtype), rows_v, (((1,), (0,)), ((), ())), precision=prec,
                          preferred_element_type=jnp.float32)
   o_QD = o_QD / jnp.where(l_Q1 > 0, l_Q1, 1.0)
@@ -203,16 +205,18 @@ def _all_rows_attention(q_BKGTD, k_pages_NPD, v_pages_NPD, page_table_BKM, lengt
 
 def paged_attention_xla(q_BKGTD: jax.Array, k_pages_NPD: jax.Array, v_pages_NPD: jax.Array,
                         page_table_BKM: jax.Array, lengths_BK: jax.Array, *,
-                        sm_scale: float | None = None) -> jax.Array:
+                        sm_scale: float | None = None, finite_dead: bool = False) -> jax.Array:
   """The XLA path (backend="xla"): all pool rows in one GEMM while B * K * G * T <=
   XLA_ALL_ROWS_MAX_QUERY_ROWS, a per-head gather of pages above it. Products in the cache dtype
-  (HIGHEST for float32) with float32 accumulation."""
+  (HIGHEST for float32) with float32 accumulation. finite_dead: the caller guarantees that dead entries
+  and unowned pages hold finite values (the library's cache does: fresh pages are zeros and only model
+  outputs are written), which spares the all-rows path a pass over V."""
   _check_inputs(q_BKGTD, k_pages_NPD, v_pages_NPD, page_table_BKM, lengths_BK)
   scale = _scale(q_BKGTD.shape[-1], sm_scale)
   b, kh, g, chunk, _ = q_BKGTD.shape
   if b * kh * g * chunk <= XLA_ALL_ROWS_MAX_QUERY_ROWS:
     return _all_rows_attention(q_BKGTD, k_pages_NPD, v_pages_NPD, page_table_BKM, lengths_BK,
-                               sm_scale=scale)
+                               sm_scale=scale, finite_dead=finite_dead)
   dtype = k_pages_NPD.dtype
   return _gathered_attention(q_BKGTD, k_pages_NPD, v_pages_NPD, page_table_BKM, lengths_BK,
                              sm_scale=scale, compute_dtype=dtype,
@@ -541,13 +545,15 @@ def _check_num_splits(num_splits, num_blocks, max_pages, pages_per_block):
 def paged_attention(q_BKGTD: jax.Array, k_pages_NPD: jax.Array, v_pages_NPD: jax.Array,
                     page_table_BKM: jax.Array, lengths_BK: jax.Array, *, sm_scale: float | None = None,
                     backend: str = "auto", interpret: bool | None = None, lowering: str | None = None,
-                    pages_per_block: int | None = None, num_splits: int | None = None) -> jax.Array:
+                    pages_per_block: int | None = None, num_splits: int | None = None,
+                    finite_dead: bool = False) -> jax.Array:
   """Attention of a T-token chunk (already written into the cache) over each head's pages.
 
   q [B, K, G, T, D]; pools [N, P, D]; page table [B, K, M]; lengths [B, K] -> [B, K, G, T, D] in q's
   dtype. backend: auto | xla | pallas (pallas_kernels.backend); auto takes the XLA path for caches the
   kernel cannot tile. lowering: 'tpu' | 'triton', default by platform. pages_per_block and num_splits
   tune the kernels (defaults: default_pages_per_block, enough programs to fill the device).
+  finite_dead: see paged_attention_xla (the kernels never read dead entries either way).
 
   Contract (traced values, not checked): live table slots hold page ids in [0, N), no page is live in
   two heads, lengths lie in [0, M * P] (the kernels clip them to it). q is cast to the cache dtype for
@@ -561,7 +567,7 @@ def paged_attention(q_BKGTD: jax.Array, k_pages_NPD: jax.Array, v_pages_NPD: jax
   if backend_lib.resolve_backend(backend) == "xla" or (
       backend == "auto" and not _pallas_fits(lowering, page, max_pages, d)):
     return paged_attention_xla(q_BKGTD, k_pages_NPD, v_pages_NPD, page_table_BKM, lengths_BK,
-                               sm_scale=sm_scale)
+                               sm_scale=sm_scale, finite_dead=finite_dead)
 
   if pages_per_block is None:
     pages_per_block = default_pages_per_block(page, max_pages, lowering, k_pages_NPD.dtype.itemsize)

@@ -75,9 +75,21 @@ def test_xla_formulations_match_reference(formulation, g, t, d, page, dtype):
   if formulation == "gathered":
     fn = functools.partial(fn, compute_dtype=dtype,
                            precision=jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None)
+  if formulation == "all_rows":
+    fn = functools.partial(fn, finite_dead=False)
   out = jax.jit(functools.partial(fn, sm_scale=1 / math.sqrt(d)))(*case)
   assert out.shape == case[0].shape and out.dtype == dtype
   _close(out, reference(*case), dtype)
+
+
+def test_finite_dead_entries_let_the_all_rows_path_skip_zeroing_v():
+  """With finite garbage in every dead entry (what the library's cache holds) finite_dead=True gives the
+  reference's output; with NaN garbage it would not (that is why it is opt-in)."""
+  q, kp, vp, table, lens = paged_case(3, 2, 4, 2, 1, 64, 8, 4)
+  finite = jnp.nan_to_num(kp, nan=3.0), jnp.nan_to_num(vp, nan=-5.0)
+  fast = jax.jit(functools.partial(paged_attention_xla, finite_dead=True))
+  np.testing.assert_allclose(fast(q, *finite, table, lens), reference(q, *finite, table, lens), atol=1e-5)
+  assert np.isnan(np.asarray(fast(q, kp, vp, table, lens))).any()
 
 
 def _recorded(calls, name, fn, *args, **kwargs):
