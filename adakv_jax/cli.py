@@ -16,8 +16,8 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m adakv_jax", description=__doc__)
   sub = p.add_subparsers(dest="command", required=True)
   g = sub.add_parser("generate", help="generate text with a full or compressed KV cache")
-  g.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a HF checkpoint dir, a .gguf file "
-                 "or a converted (orbax) dir")
+  g.add_argument("--model", default="smollm2-135m", help="a registered name (smollm2-135m, "
+                 "qwen2.5-coder-0.5b), a HF checkpoint dir, a .gguf file or a converted (orbax) dir")
   src = g.add_mutually_exclusive_group(required=True)
   src.add_argument("--prompt", help="prompt text (the context, in question-agnostic mode)")
   src.add_argument("--prompt-file", help="read the prompt from this file")
@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
                  "then answer each question against the same compressed cache (repeatable)")
   c.add_argument("--show-positions", action="store_true", help="include kept positions in --json")
   cv = sub.add_parser("convert", help="convert a checkpoint once (orbax) so later runs load it fast")
-  cv.add_argument("--model", required=True, help="smollm2-135m, a HF checkpoint dir or a .gguf file")
+  cv.add_argument("--model", required=True, help="a registered name, a HF checkpoint dir or a .gguf file")
   cv.add_argument("--out", required=True, help="directory to write (then use it as --model)")
   cv.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   cv.add_argument("--overwrite", action="store_true")

@@ -14,37 +14,8 @@ from tests.parity import tiny_hf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+from tests.parity.hf_gguf import assert_params_equal_state_dict, hf_gguf_model, hf_greedy  # noqa: E402
 pytestmark = pytest.mark.parity
-
-_LAYER_MAP = {"wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
-              "wo": "self_attn.o_proj.weight", "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight",
-              "w_down": "mlp.down_proj.weight", "attn_norm": "input_layernorm.weight",
-              "mlp_norm": "post_attention_layernorm.weight", "bq": "self_attn.q_proj.bias",
-              "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias"}
-
-
-def _hf_gguf_model(path):
-  return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                           dtype=torch.float32).eval()
-
-
-def _assert_params_equal_state_dict(cfg, params, model):
-  sd = {k: v.numpy() for k, v in model.state_dict().items()}
-  for key, leaf in params["layers"].items():
-    for i in range(cfg.num_layers):
-      want = sd[f"model.layers.{i}.{_LAYER_MAP[key]}"]
-      np.testing.assert_array_equal(np.asarray(leaf[i]), want.T if want.ndim == 2 else want, err_msg=f"{key}[{i}]")
-  np.testing.assert_array_equal(np.asarray(params["embed"]), sd["model.embed_tokens.weight"])
-  np.testing.assert_array_equal(np.asarray(params["final_norm"]), sd["model.norm.weight"])
-  if not cfg.tie_word_embeddings:
-    np.testing.assert_array_equal(np.asarray(params["lm_head"]), sd["lm_head.weight"].T)
-
-
-def _hf_greedy(model, prompt, steps):
-  with torch.no_grad():
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False, eos_token_id=None,
-                         pad_token_id=0)
-  return out[0, len(prompt):].tolist()
 
 
 # --- SmolLM2-135M Q4_1 --------------------------------------------------------------------------
@@ -54,7 +25,7 @@ def _hf_greedy(model, prompt, steps):
 def smol():
   path = resolve_model("smollm2-135m")
   cfg, params, meta = load_gguf(path)
-  return cfg, params, Tokenizer.from_gguf_metadata(meta), _hf_gguf_model(path)
+  return cfg, params, Tokenizer.from_gguf_metadata(meta), hf_gguf_model(path)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +45,7 @@ def prompt64(smol):
 def test_smollm2_params_equal_transformers_gguf_loader(smol):
   cfg, params, _, model = smol
   assert model.config.num_key_value_heads == cfg.num_kv_heads == 3
-  _assert_params_equal_state_dict(cfg, params, model)  # dequantisation and q/k un-permutation are exact
+  assert_params_equal_state_dict(cfg, params, model)  # dequantisation and q/k un-permutation are exact
 
 
 @pytest.mark.slow
@@ -92,7 +63,7 @@ def test_smollm2_last_token_logits_match(smol, prompt64):
 def test_smollm2_greedy_tokens_match(smol, prompt64):
   cfg, params, tok, model = smol
   got = generate(params, cfg, [prompt64], max_new_tokens=16, eos_token_ids=[]).token_ids[0]
-  want = _hf_greedy(model, prompt64, 16)
+  want = hf_greedy(model, prompt64, 16)
   assert list(got) == want, (tok.decode(got), tok.decode(want))
 
 
@@ -104,8 +75,8 @@ def test_tiny_q8_gguf_matches_transformers(tmp_path, variant):
   src = tiny_hf.build_numpy(tmp_path / "src", variant, hidden_size=64, intermediate_size=96, head_dim=16)
   path = tiny_hf.build_gguf(tmp_path / "m.gguf", src, qtype="Q8_0")
   cfg, params, _ = load_gguf(path)
-  model = _hf_gguf_model(path)
-  _assert_params_equal_state_dict(cfg, params, model)
+  model = hf_gguf_model(path)
+  assert_params_equal_state_dict(cfg, params, model)
   tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 40))
   with torch.no_grad():
     want = model(torch.from_numpy(tokens)).logits.numpy()
@@ -113,4 +84,4 @@ def test_tiny_q8_gguf_matches_transformers(tmp_path, variant):
   assert np.abs(got - want).max() <= 1e-4
   prompt = tokens[0, :13].tolist()
   assert list(generate(params, cfg, [prompt], max_new_tokens=16, eos_token_ids=[]).token_ids[0]) == (
-      _hf_greedy(model, prompt, 16))
+      hf_greedy(model, prompt, 16))
