@@ -56,8 +56,19 @@ class Sampling:
   top_p: float = 1.0
 
   def __post_init__(self):
+    import math
+    import numbers
+
+    # a static jit argument: plain floats keep it hashable, and equal settings share one compiled step
+    for name in ("temperature", "top_p"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+      if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+      object.__setattr__(self, name, float(value))
     if self.temperature < 0:
-      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+      raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
