@@ -54,6 +54,7 @@ class PromptError(ValueError):
 class Sampling:
   temperature: float = 0.0  # 0 = greedy
   top_p: float = 1.0
+  MIN_TEMPERATURE = 1e-6  # a class constant, not a field
 
   def __post_init__(self):
     import math
@@ -69,6 +70,10 @@ class Sampling:
       object.__setattr__(self, name, float(value))
     if self.temperature < 0:
       raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+    if 0 < self.temperature < self.MIN_TEMPERATURE:
+      raise ValueError(f"temperature must be 0 (greedy) or >= {self.MIN_TEMPERATURE:g}, got "
+                       f"{self.temperature:g}: a near-zero temperature is greedy in effect, and below float32's "
+                       "smallest normal (~1e-38) it breaks sampling")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 

@@ -289,6 +289,7 @@ def test_every_ignored_flag_is_named(capsys):
     ("--temperature", "nan", "temperature must be a finite number"),
     ("--temperature", "inf", "temperature must be a finite number"),
     ("--temperature", "-0.5", "temperature must be >= 0"),
+    ("--temperature", "1e-40", "temperature must be 0 (greedy) or >= 1e-06"),
     ("--top-p", "nan", "top_p must be a finite number"),
     ("--top-p=-inf", None, "top_p must be a finite number"),
     ("--top-p", "0", "top_p must be in (0, 1]"),
