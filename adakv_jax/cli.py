@@ -6,10 +6,14 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 PRESS_NAMES = ("full", "snapkv", "ada-snapkv", "pyramidkv", "ada-pyramidkv", "h2o", "ada-h2o",
                "streamingllm", "knorm", "random")
 _PLACEHOLDER = "\u0000ADAKV_CONTEXT\u0000"
+# compression options (attribute names of the parsed args); --press full would silently ignore them
+_COMPRESSION_OPTIONS = ("budget", "compression_ratio", "window", "kernel", "pool", "floor_alpha",
+                        "floor_mode", "gqa")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,10 +57,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_convert(a) -> int:
-  from adakv_jax.checkpoints import load_model, save_converted
+  from adakv_jax.checkpoints import SaveTargetError, check_save_target, load_model, save_converted
 
-  cfg, params, tok = load_model(a.model, dtype=a.dtype)
-  path = save_converted(a.out, cfg, params, tok, overwrite=a.overwrite)
+  try:
+    check_save_target(a.out, a.overwrite)  # before the source model loads, which can take minutes
+    cfg, params, tok = load_model(a.model, dtype=a.dtype)
+    path = save_converted(a.out, cfg, params, tok, overwrite=a.overwrite)
+  except SaveTargetError as e:
+    raise ValueError(e.for_option("--overwrite")) from None
   print(f"wrote {path} ({cfg.architecture}, {cfg.num_layers} layers, {a.dtype}); use --model {path}")
   return 0
 
@@ -73,8 +81,29 @@ def _press_from_args(a):
   if a.compression_ratio is not None:
     overrides["budget"] = None
   if a.press == "full":
+    _refuse_compression_options(a)
     return None
   return make_press(a.press, **overrides)
+
+
+def _refuse_compression_options(a) -> None:
+  given = ["--" + name.replace("_", "-") for name in _COMPRESSION_OPTIONS if getattr(a, name) is not None]
+  if given:
+    verb, pronoun = ("has", "it") if len(given) == 1 else ("have", "them")
+    raise ValueError(f"{', '.join(given)} {verb} no effect with --press full, which keeps the whole cache "
+                     f"(no compression); drop {pronoun} or choose a compressing press")
+
+
+def _read_prompt_file(name: str) -> str:
+  try:
+    data = Path(name).read_bytes()
+  except OSError as e:
+    raise ValueError(f"cannot read --prompt-file {name!r}: {e.strerror or e}") from None
+  try:
+    return data.decode("utf-8-sig")  # a leading byte-order mark is not part of the prompt
+  except UnicodeDecodeError as e:
+    raise ValueError(f"--prompt-file {name!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                     f"{e.start}); re-encode it, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def _encode_prompt(tok, text: str, raw: bool, questions):
@@ -97,15 +126,16 @@ def cmd_generate(a) -> int:
   from adakv_jax.checkpoints import load_model
   from adakv_jax.generation import Sampling, generate
 
-  text = a.prompt if a.prompt is not None else open(a.prompt_file, encoding="utf-8").read()
+  text = a.prompt if a.prompt is not None else _read_prompt_file(a.prompt_file)
   if not text.strip():
     raise ValueError("the prompt is empty")
+  sampling = Sampling(a.temperature, a.top_p)  # bad values are refused before the model loads
   press = _press_from_args(a)
   cfg, params, tok = load_model(a.model, dtype=a.dtype)
   prompt_ids, question_ids = _encode_prompt(tok, text, a.raw, a.question)
   eos = tuple(tok.eos_token_ids) or cfg.eos_token_ids
   res = generate(params, cfg, [prompt_ids], max_new_tokens=a.max_new_tokens, press=press,
-                 sampling=Sampling(a.temperature, a.top_p), eos_token_ids=eos,
+                 sampling=sampling, eos_token_ids=eos,
                  questions=question_ids or None, return_positions=a.show_positions, backend=a.backend,
                  seed=a.seed, progress=not a.json and sys.stderr.isatty())
   out = {

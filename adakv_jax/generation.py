@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import numbers
 import time
 from typing import Callable, Sequence
 
@@ -52,20 +53,29 @@ class PromptError(ValueError):
   """A prompt that cannot be run: empty, with ids outside the vocabulary, or longer than the context."""
 
 
-def _is_real(x) -> bool:
-  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
-
-
 @dataclasses.dataclass(frozen=True)
 class Sampling:
   temperature: float = 0.0  # 0 = greedy
   top_p: float = 1.0
+  MIN_TEMPERATURE = 1e-6  # a class constant, not a field
 
   def __post_init__(self):
-    if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-      raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
-    if not _is_real(self.top_p) or not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p must be a finite number in (0, 1], got {self.top_p!r}")
+    # a static jit argument: plain floats keep it hashable, and equal settings share one compiled step
+    for name in ("temperature", "top_p"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+      if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+      object.__setattr__(self, name, float(value))
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+    if 0 < self.temperature < self.MIN_TEMPERATURE:
+      raise ValueError(f"temperature must be 0 (greedy) or >= {self.MIN_TEMPERATURE:g}, got "
+                       f"{self.temperature:g}: a near-zero temperature is greedy in effect, and below float32's "
+                       "smallest normal (~1e-38) it breaks sampling")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 def sample(logits_BV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:

@@ -13,7 +13,8 @@ from adakv_jax.checkpoints.errors import CheckpointError, ConfigError
 from adakv_jax.checkpoints.gguf import load_gguf
 from adakv_jax.checkpoints.hf import load_hf_checkpoint
 from adakv_jax.checkpoints.layout import check_params, expected_param_shapes
-from adakv_jax.checkpoints.orbax_io import is_converted_dir, load_converted, save_converted
+from adakv_jax.checkpoints.orbax_io import (SaveTargetError, check_save_target, is_converted_dir,
+                                            load_converted, save_converted)
 from adakv_jax.checkpoints.registry import REGISTRY, is_registered, resolve_model
 from adakv_jax.checkpoints.tokenizer import ChatTemplateError, Tokenizer
 
@@ -59,6 +60,7 @@ def _cast(cfg, params, dtype):
 
 
 __all__ = [
-    "ChatTemplateError", "CheckpointError", "ConfigError", "Tokenizer", "check_params", "expected_param_shapes",
-    "load_converted", "load_gguf", "load_hf_checkpoint", "load_model", "resolve_model", "save_converted",
+    "ChatTemplateError", "CheckpointError", "ConfigError", "SaveTargetError", "Tokenizer", "check_params",
+    "check_save_target", "expected_param_shapes", "load_converted", "load_gguf", "load_hf_checkpoint",
+    "load_model", "resolve_model", "save_converted",
 ]
