@@ -108,18 +108,7 @@ def _read_prompt_file(name: str) -> str:
 
 def _encode_prompt(tok, text: str, raw: bool, questions):
   """Token ids of the prompt and of each question (question-agnostic), with the chat template unless raw."""
-  if raw or tok.chat_template is None:
-    ctx = tok.encode(text)
-    qs = [tok.encode("\n" + q, add_special_tokens=False) for q in questions or []]
-    return ctx, qs
-  if not questions:
-    return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]),
-                      add_special_tokens=False), []
-  rendered = tok.apply_chat_template([{"role": "user", "content": _PLACEHOLDER}])
-  head, tail = rendered.split(_PLACEHOLDER)
-  ctx = tok.encode(head + text, add_special_tokens=False)
-  qs = [tok.encode("\n\n" + q + tail, add_special_tokens=False) for q in questions]
-  return ctx, qs
+  return tok.encode_chat(text, questions or (), raw=raw)
 
 
 def cmd_generate(a) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from adakv_jax import params as params_lib
 from adakv_jax.cache import PagedKVCache
 from adakv_jax.config import ModelConfig
 
@@ -30,24 +31,6 @@ LOGICAL_TO_MESH = {
     "tokens": None,
     "pages": ("data", "model"),  # a layer's page pool: one slice per (data, model) shard
     "page_slots": None,
-}
-
-PARAM_AXES = {
-    "embed": ("vocab", "embed"),
-    "final_norm": ("embed",),
-    "lm_head": ("embed", "vocab"),
-    "attn_norm": ("layers", "embed"),
-    "mlp_norm": ("layers", "embed"),
-    "wq": ("layers", "embed", "heads"),
-    "wk": ("layers", "embed", "kv_heads"),
-    "wv": ("layers", "embed", "kv_heads"),
-    "wo": ("layers", "heads", "embed"),
-    "bq": ("layers", "heads"),
-    "bk": ("layers", "kv_heads"),
-    "bv": ("layers", "kv_heads"),
-    "w_gate": ("layers", "embed", "mlp"),
-    "w_up": ("layers", "embed", "mlp"),
-    "w_down": ("layers", "mlp", "embed"),
 }
 
 POOL_AXES = ("pages", "page_slots", "head_dim")
@@ -88,10 +71,17 @@ def check_fits(cfg: ModelConfig, mesh, batch: int | None = None, cache_heads: in
     raise ValueError(f"batch={batch} is not divisible by the mesh's data axis ({mesh.shape['data']})")
 
 
+def param_shardings(cfg: ModelConfig, mesh) -> dict:
+  """The params pytree of `cfg` with each leaf's NamedSharding (e.g. jit out_shardings for init)."""
+  return jax.tree.map(lambda axes: NamedSharding(mesh, spec(axes)), params_lib.param_axes(cfg),
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
 def shard_params(params, mesh):
+  """Places each leaf by its logical axes in the parameter table (an unknown leaf is a KeyError)."""
   def put(path, x):
-    name = path[-1].key
-    return jax.device_put(x, NamedSharding(mesh, spec(PARAM_AXES[name])))
+    axes = params_lib.param_at(tuple(k.key for k in path)).axes
+    return jax.device_put(x, NamedSharding(mesh, spec(axes)))
 
   return jax.tree_util.tree_map_with_path(put, params)
 

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from adakv_jax.checkpoints import (CheckpointError, ConfigError, Tokenizer, expected_param_shapes, load_converted,
-                                   load_gguf, load_hf_checkpoint, load_model, resolve_model, save_converted)
+from adakv_jax.checkpoints import (CheckpointError, ConfigError, Tokenizer, load_converted, load_gguf,
+                                   load_hf_checkpoint, load_model, resolve_model, save_converted)
 from adakv_jax.checkpoints import hf as hf_lib
 from adakv_jax.checkpoints import registry
 from adakv_jax.config import RopeScaling
+from adakv_jax.params import param_shapes
 from tests.parity import tiny_hf
 
 GGUF_SIZES = dict(hidden_size=64, intermediate_size=96, head_dim=16)  # 32-wide quantisation blocks
@@ -63,7 +64,7 @@ def test_hf_params_have_the_model_layout_and_equal_the_file(ckpts, variant):
       raw["num_attention_heads"], raw["num_key_value_heads"], raw["head_dim"])
   assert cfg.tie_word_embeddings == raw["tie_word_embeddings"]
   assert cfg.attention_bias == (raw["model_type"] == "qwen2")
-  assert _shapes(params) == expected_param_shapes(cfg)
+  assert _shapes(params) == param_shapes(cfg)
   assert ("lm_head" in params) != cfg.tie_word_embeddings
   sd = tiny_hf.read_state_dict(ckpts[variant])
   # Linear weights are stored [in, out] (HF's transposed), layers stacked on axis 0.
@@ -279,7 +280,7 @@ def test_smollm2_gguf_config_and_shapes():
   assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (9, 3, 64)
   assert cfg.tie_word_embeddings and cfg.rope_theta == 100000.0 and cfg.max_position_embeddings == 8192
   assert cfg.bos_token_id == 1 and cfg.eos_token_ids == (2,)
-  assert _shapes(params) == expected_param_shapes(cfg)
+  assert _shapes(params) == param_shapes(cfg)
   assert meta["tokenizer.ggml.model"] == "gpt2" and len(meta["tokenizer.ggml.tokens"]) == 49152
 
 

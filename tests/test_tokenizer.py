@@ -146,6 +146,73 @@ def test_unsupported_gguf_tokenizer_model_is_named(smol_meta):
     Tokenizer.from_gguf_metadata({"general.architecture": "llama"})
 
 
+# --- the chat-template split: context once, each question closing the user turn --------------------
+
+SMOL_HEAD = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+             "<|im_end|>\n<|im_start|>user\n")
+CONTEXT = "The Eiffel tower was designed by Gustave Eiffel's company and opened in 1889 in Paris."
+QUESTIONS = ["Who designed the tower?", "When did it open? Answer with a year.", "Où est-elle ? 😀"]
+
+
+def _split_around_placeholder(tok, text, questions, raw):
+  """The prompt split the CLI shipped with: render a placeholder message, split the text around it."""
+  if raw or tok.chat_template is None:
+    return tok.encode(text), [tok.encode("\n" + q, add_special_tokens=False) for q in questions]
+  if not questions:
+    whole = tok.apply_chat_template([{"role": "user", "content": text}])
+    return tok.encode(whole, add_special_tokens=False), []
+  head, tail = tok.apply_chat_template([{"role": "user", "content": "\u0000ADAKV_CONTEXT\u0000"}]).split(
+      "\u0000ADAKV_CONTEXT\u0000")
+  return (tok.encode(head + text, add_special_tokens=False),
+          [tok.encode("\n\n" + q + tail, add_special_tokens=False) for q in questions])
+
+
+@pytest.mark.parametrize("questions", [(), QUESTIONS[:1], QUESTIONS])
+@pytest.mark.parametrize("raw", [False, True])
+def test_encode_chat_equals_the_placeholder_split(smol, questions, raw):
+  for context in (CONTEXT, TEXTS[7], TEXTS[9]):
+    ctx, qs = smol.encode_chat(context, questions, raw=raw)
+    assert (ctx, qs) == _split_around_placeholder(smol, context, questions, raw)
+    assert len(qs) == len(questions)
+
+
+def test_context_plus_question_is_the_templated_question_aware_prompt(smol):
+  ctx, qs = smol.encode_chat(CONTEXT, QUESTIONS)
+  assert smol.decode(ctx, skip_special_tokens=False) == SMOL_HEAD + CONTEXT
+  for q, q_ids in zip(QUESTIONS, qs):
+    whole = smol.apply_chat_template([{"role": "user", "content": CONTEXT + "\n\n" + q}])
+    assert ctx + q_ids == smol.encode(whole, add_special_tokens=False)
+    assert smol.decode(q_ids, skip_special_tokens=False).endswith("<|im_end|>\n<|im_start|>assistant\n")
+  alone, none = smol.encode_chat(CONTEXT)
+  assert none == []
+  assert alone == smol.encode(smol.apply_chat_template([{"role": "user", "content": CONTEXT}]),
+                              add_special_tokens=False)
+
+
+def test_raw_and_template_free_prompts_are_plain_text(tiny_dir, tmp_path):
+  d = tmp_path / "t"
+  shutil.copytree(tiny_dir, d)
+  conf = json.loads((d / "tokenizer_config.json").read_text())
+  conf["add_bos_token"] = True
+  del conf["chat_template"]
+  (d / "tokenizer_config.json").write_text(json.dumps(conf))
+  tok = Tokenizer.from_hf_dir(d)
+  ctx, qs = tok.encode_chat("Hello world", ["why?"])
+  assert ctx == tok.encode("Hello world") and ctx[0] == tok.bos_token_id
+  assert qs == [tok.encode("\nwhy?", add_special_tokens=False)]
+  with_template = Tokenizer.from_hf_dir(tiny_dir)
+  assert with_template.encode_chat("Hello world", ["why?"], raw=True) == (
+      with_template.encode("Hello world"), [with_template.encode("\nwhy?", add_special_tokens=False)])
+
+
+def test_chat_split_refuses_a_template_that_repeats_the_message(smol):
+  head, tail = smol.chat_split()
+  assert (head, tail) == (SMOL_HEAD, "<|im_end|>\n<|im_start|>assistant\n")
+  tok = Tokenizer(smol.backend, chat_template="{{ messages[0].content }}|{{ messages[0].content }}")
+  with pytest.raises(ChatTemplateError, match="2 times"):
+    tok.encode_chat(CONTEXT, QUESTIONS)
+
+
 # --- parity with transformers ------------------------------------------------------------------
 
 

@@ -1,7 +1,8 @@
 """Checkpoint loading: transformers safetensors dirs, llama.cpp GGUF files, and our own orbax saves.
 
 `load_model(name_or_path)` picks the loader; every loader returns params in the model's layout
-(Linear weights [in, out], layers stacked on a leading axis; see layout.py) and validates every shape.
+(Linear weights [in, out], layers stacked on a leading axis; see adakv_jax/params.py) and validates every
+shape.
 """
 
 from __future__ import annotations
@@ -12,9 +13,14 @@ from pathlib import Path
 from adakv_jax.checkpoints.errors import CheckpointError, ConfigError
 from adakv_jax.checkpoints.gguf import load_gguf
 from adakv_jax.checkpoints.hf import load_hf_checkpoint
+<<<<<<< HEAD
 from adakv_jax.checkpoints.layout import check_params, expected_param_shapes
 from adakv_jax.checkpoints.orbax_io import (SaveTargetError, check_save_target, is_converted_dir,
                                             load_converted, save_converted)
+=======
+from adakv_jax.checkpoints.layout import check_params
+from adakv_jax.checkpoints.orbax_io import is_converted_dir, load_converted, save_converted
+>>>>>>> params
 from adakv_jax.checkpoints.registry import REGISTRY, is_registered, resolve_model
 from adakv_jax.checkpoints.tokenizer import ChatTemplateError, Tokenizer
 
@@ -60,7 +66,12 @@ def _cast(cfg, params, dtype):
 
 
 __all__ = [
+<<<<<<< HEAD
     "ChatTemplateError", "CheckpointError", "ConfigError", "SaveTargetError", "Tokenizer", "check_params",
     "check_save_target", "expected_param_shapes", "load_converted", "load_gguf", "load_hf_checkpoint",
     "load_model", "resolve_model", "save_converted",
+=======
+    "ChatTemplateError", "CheckpointError", "ConfigError", "Tokenizer", "check_params", "load_converted",
+    "load_gguf", "load_hf_checkpoint", "load_model", "resolve_model", "save_converted",
+>>>>>>> params
 ]

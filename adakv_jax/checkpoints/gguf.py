@@ -4,6 +4,9 @@ Tensors are renamed to transformers' names and llama.cpp's q/k row permutation i
 transformers' GGUF loader does (modeling_gguf_pytorch_utils.LlamaTensorProcessor), so the result equals
 what `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)` holds, and the HF-layout assembly in
 layout.py (shape checks, stacking) is shared with the safetensors loader.
+
+`_GLOBAL_NAMES`/`_BLOCK_NAMES` below only translate llama.cpp names to transformers' names; shapes, and
+which tensors a config needs, come from the parameter table (adakv_jax/params.py).
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from adakv_jax.checkpoints.errors import CheckpointError, ConfigError
-from adakv_jax.checkpoints.layout import expected_hf_shapes, params_from_hf
+from adakv_jax.checkpoints.layout import params_from_hf
 from adakv_jax.config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
+from adakv_jax.params import hf_shapes
 
 GGUF_MAGIC = b"GGUF"
 # GGUF general.architecture -> ours. Mistral files say "llama" (same tensors, same permutation).
@@ -176,7 +180,7 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelCon
   tensors = {t.name: t for t in reader.tensors}
   cfg = config_from_metadata(meta, tensors, dtype)
   by_hf = {hf_name(n): n for n in tensors if n != "rope_freqs.weight"}
-  expected = expected_hf_shapes(cfg)
+  expected = hf_shapes(cfg)
   permuted = meta["general.architecture"] in PERMUTED_QK
 
   def fetch(name: str) -> np.ndarray:

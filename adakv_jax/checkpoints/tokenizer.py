@@ -215,6 +215,43 @@ class Tokenizer:
     except jinja2.TemplateError as e:
       raise ChatTemplateError(f"chat template failed: {e}") from None
 
+  def chat_split(self) -> tuple[str, str]:
+    """(text before, text after) a single user message in the chat template, generation prompt included.
+
+    Rendering a marker in place of the message, rather than applying the template to each prompt, lets a
+    context be encoded once and each question closing the turn after it be encoded on its own.
+    """
+    marker = "\u0000ADAKV_USER_MESSAGE\u0000"
+    rendered = self.apply_chat_template([{"role": "user", "content": marker}])
+    if rendered.count(marker) != 1:
+      raise ChatTemplateError(f"the chat template renders a user message {rendered.count(marker)} times, "
+                              "so the prompt cannot be split around it")
+    head, tail = rendered.split(marker)
+    return head, tail
+
+  def encode_chat(self, context: str, questions: Sequence[str] = (), *,
+                  raw: bool = False) -> tuple[list[int], list[list[int]]]:
+    """(context ids, [ids of each question]) where context + question is the question-aware prompt.
+
+    With the chat template, the context ids open the user turn and each question's ids close it
+    ("\\n\\n" + question + the template's tail, ending in the generation prompt); without questions the
+    context ids are the whole templated turn. context + question equals the template applied to
+    context + "\\n\\n" + question, id for id, unless the context ends in whitespace (which the whole string
+    would merge with the "\\n\\n" into one token). With `raw=True`, or a tokenizer without a template, the
+    context is encoded as plain text (special tokens per the tokenizer, e.g. BOS) and each question as
+    "\\n" + question. The question ids can therefore also follow a compressed context
+    (question-agnostic compression).
+    """
+    questions = list(questions)
+    if raw or self.chat_template is None:
+      return self.encode(context), [self.encode("\n" + q, add_special_tokens=False) for q in questions]
+    if not questions:
+      return self.encode(self.apply_chat_template([{"role": "user", "content": context}]),
+                         add_special_tokens=False), []
+    head, tail = self.chat_split()
+    return (self.encode(head + context, add_special_tokens=False),
+            [self.encode("\n\n" + q + tail, add_special_tokens=False) for q in questions])
+
   # --- constructors ---
   @classmethod
   def from_hf_dir(cls, path: str | os.PathLike) -> "Tokenizer":
