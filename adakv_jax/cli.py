@@ -10,10 +10,9 @@ from pathlib import Path
 
 PRESS_NAMES = ("full", "snapkv", "ada-snapkv", "pyramidkv", "ada-pyramidkv", "h2o", "ada-h2o",
                "streamingllm", "knorm", "random")
-_PLACEHOLDER = "\u0000ADAKV_CONTEXT\u0000"
 # compression options (attribute names of the parsed args); --press full would silently ignore them
 _COMPRESSION_OPTIONS = ("budget", "compression_ratio", "window", "kernel", "pool", "floor_alpha",
-                        "floor_mode", "gqa")
+                        "floor_mode", "gqa", "granularity", "chunk_score")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,8 +42,13 @@ def _parser() -> argparse.ArgumentParser:
   c.add_argument("--pool", choices=("max", "avg"))
   c.add_argument("--floor-alpha", type=float, help="safeguard floor alpha in [0, 1] (default 0.2)")
   c.add_argument("--floor-mode", choices=("reserve", "mix"))
-  c.add_argument("--head-cap-factor", type=float, help="per-head cap as a multiple of the mean budget")
-  c.add_argument("--gqa", choices=("kv", "query"))
+  c.add_argument("--gqa", choices=("kv", "query"), help="select per KV head (default) or per query head")
+  c.add_argument("--granularity", choices=("token", "page"),
+                 help="select single entries (default) or whole page-sized chunks, so no span is cut")
+  c.add_argument("--chunk-score", choices=("mean", "max"), help="page granularity: a chunk's score is the "
+                 "mean (default) or max of its tokens' pooled scores")
+  c.add_argument("--page-size", type=int, default=16, help="entries per cache page (a power of two, "
+                 "8-256; default 16)")
   c.add_argument("--question", action="append", help="question-agnostic mode: compress the prompt alone, "
                  "then answer each question against the same compressed cache (repeatable)")
   c.add_argument("--show-positions", action="store_true", help="include kept positions in --json")
@@ -76,8 +80,8 @@ def _press_from_args(a):
     raise ValueError(f"unknown press {a.press!r}; choose one of: {', '.join(PRESS_NAMES)}")
   overrides = {k: v for k, v in dict(
       budget=a.budget, compression_ratio=a.compression_ratio, window=a.window, kernel=a.kernel,
-      pool=a.pool, floor_alpha=a.floor_alpha, floor_mode=a.floor_mode, head_cap_factor=a.head_cap_factor,
-      gqa=a.gqa, backend=a.backend).items() if v is not None}
+      pool=a.pool, floor_alpha=a.floor_alpha, floor_mode=a.floor_mode, gqa=a.gqa,
+      granularity=a.granularity, chunk_score=a.chunk_score, backend=a.backend).items() if v is not None}
   if a.compression_ratio is not None:
     overrides["budget"] = None
   if a.press == "full":
@@ -111,6 +115,34 @@ def _encode_prompt(tok, text: str, raw: bool, questions):
   return tok.encode_chat(text, questions or (), raw=raw)
 
 
+def _check_run_options(a) -> None:
+  """Everything that can be refused before the model loads (which can take a minute)."""
+  from pallas_kernels.paged_attention import check_page_size
+
+  if a.max_new_tokens < 1:
+    raise ValueError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+  try:
+    check_page_size(a.page_size)
+  except ValueError as e:
+    raise ValueError(f"--page-size: {e}") from None
+  if a.show_positions and a.press == "full":
+    raise ValueError("--show-positions lists the positions a press kept; --press full keeps all of them")
+
+
+class _Streamer:
+  """Prints the answer as decode loops hand tokens out: the new suffix of the decoded text."""
+
+  def __init__(self, tok):
+    self.tok, self.ids, self.shown = tok, [], ""
+
+  def __call__(self, new_ids):
+    self.ids.extend(new_ids[0])
+    text = self.tok.decode(self.ids)
+    if text.startswith(self.shown):
+      print(text[len(self.shown):], end="", flush=True)
+      self.shown = text
+
+
 def cmd_generate(a) -> int:
   from adakv_jax.checkpoints import load_model
   from adakv_jax.generation import Sampling, generate
@@ -119,14 +151,18 @@ def cmd_generate(a) -> int:
   if not text.strip():
     raise ValueError("the prompt is empty")
   sampling = Sampling(a.temperature, a.top_p)  # bad values are refused before the model loads
+  _check_run_options(a)
   press = _press_from_args(a)
+  if press is not None:
+    press.check_page_size(a.page_size)
   cfg, params, tok = load_model(a.model, dtype=a.dtype)
   prompt_ids, question_ids = _encode_prompt(tok, text, a.raw, a.question)
   eos = tuple(tok.eos_token_ids) or cfg.eos_token_ids
+  stream = _Streamer(tok) if not a.json and not a.question else None
   res = generate(params, cfg, [prompt_ids], max_new_tokens=a.max_new_tokens, press=press,
-                 sampling=sampling, eos_token_ids=eos,
-                 questions=question_ids or None, return_positions=a.show_positions, backend=a.backend,
-                 seed=a.seed, progress=not a.json and sys.stderr.isatty())
+                 sampling=sampling, eos_token_ids=eos, questions=question_ids or None,
+                 return_positions=a.show_positions, backend=a.backend, seed=a.seed, page_size=a.page_size,
+                 progress=not a.json and a.question is not None and sys.stderr.isatty(), on_tokens=stream)
   out = {
       "model": a.model,
       "press": a.press,
@@ -135,20 +171,22 @@ def cmd_generate(a) -> int:
       "token_ids": res.token_ids[0],
       "prompt_tokens": res.prompt_tokens[0],
       "cache_bytes": res.cache_bytes,
+      "kept_bytes": res.kept_bytes,
+      "decode_room_bytes": res.decode_room_bytes,
       "full_cache_bytes": res.full_cache_bytes,
-      "live_cache_bytes": res.live_cache_bytes,
       "padding_overhead": round(res.padding_overhead, 4),
+      "page_size": res.page_size,
+      "pages_used": res.pages_used,
+      "pages_allocated": res.pages_allocated,
       "prefill_s": round(res.prefill_s, 4),
       "compile_s": round(res.compile_s, 4),
       "decode_tokens_per_s": round(res.decode_tokens_per_s, 3),
       "notes": res.notes,
   }
-  if res.budgets is not None:
+  if press is not None:
     out["budgets"] = res.budgets[:, 0, :].tolist()
     out["layer_totals"] = res.budgets[:, 0, :].sum(-1).tolist()
     out["retained_mass"] = [round(float(m), 6) for m in res.retained_mass[:, 0]]
-    out["head_cap"] = res.head_cap
-    out["heads_at_cap"] = round(res.heads_at_cap, 4)
   if res.positions is not None:
     out["positions"] = res.positions[:, 0].tolist()
   if res.answers is not None:
@@ -163,18 +201,18 @@ def cmd_generate(a) -> int:
     for item in out["answers"]:
       print(f"Q: {item['question']}\nA: {item['text']}\n", flush=True)
   else:
-    print(out["text"], flush=True)
+    print(out["text"][len(stream.shown):] if out["text"].startswith(stream.shown) else "", flush=True)
+  mib = lambda x: f"{x / 2**20:.2f} MiB"  # noqa: E731
   saved = 1 - res.cache_bytes / res.full_cache_bytes
-  print(f"[{res.prompt_tokens[0]} prompt tokens | cache {res.cache_bytes / 2**20:.2f} MiB vs full "
-        f"{res.full_cache_bytes / 2**20:.2f} MiB ({saved:+.1%} saved), padding overhead "
-        f"{res.padding_overhead:.2f}x | prefill {res.prefill_s:.2f}s | {res.decode_tokens_per_s:.1f} tok/s]",
-        file=sys.stderr)
+  print(f"[{res.prompt_tokens[0]} prompt tokens | cache {mib(res.cache_bytes)} allocated for "
+        f"{mib(res.kept_bytes)} kept + {mib(res.decode_room_bytes)} decode room (padding overhead "
+        f"{res.padding_overhead:.2f}x, {res.pages_used} pages of {res.page_size}) vs full cache "
+        f"{mib(res.full_cache_bytes)}: {saved:.1%} saved | prefill {res.prefill_s:.2f}s | "
+        f"{res.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
   return 0
 
 
 def main(argv=None) -> int:
-  import jax
-
   from adakv_jax.cache import CacheCapacityError
 
   a = _parser().parse_args(argv)
@@ -183,13 +221,8 @@ def main(argv=None) -> int:
       return cmd_generate(a)
     if a.command == "convert":
       return cmd_convert(a)
-  except (ValueError, OSError, CacheCapacityError) as e:  # our errors carry the explanation
+  except (ValueError, TypeError, OSError, CacheCapacityError) as e:  # our errors carry the explanation
     print(f"error: {e}", file=sys.stderr)
-    return 2
-  except jax.errors.JaxRuntimeError as e:  # a capacity guard fired inside a jitted step
-    if "capacity exhausted" not in str(e):
-      raise
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2
   return 1
 

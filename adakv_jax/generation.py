@@ -24,6 +24,7 @@ from adakv_jax import model as model_lib
 from adakv_jax import sharding
 from adakv_jax.cache import DEFAULT_PAGE_SIZE, CacheCapacityError, PagedKVCache, plan_cache
 from adakv_jax.config import ModelConfig
+from adakv_jax.params import param_dtype
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -242,7 +243,7 @@ def _question_rounds(questions, batch: int) -> list[list[list[int]]] | None:
 def full_cache_bytes(cfg: ModelConfig, prompt_lens: Sequence[int], room: int, page_size: int) -> int:
   """K/V bytes the uncompressed paged cache of these prompts allocates (the same layout as any press)."""
   pages = sum(-(-(n + room) // page_size) for n in prompt_lens)
-  itemsize = jnp.dtype(model_lib.dtype_of(cfg)).itemsize
+  itemsize = jnp.dtype(param_dtype(cfg)).itemsize
   return 2 * cfg.num_layers * cfg.num_kv_heads * pages * page_size * cfg.head_dim * itemsize
 
 

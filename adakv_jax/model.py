@@ -10,7 +10,8 @@ One layer body, two drivers:
   * `append`: T new tokens against the paged cache (T = 1 is a decode step; T > 1 appends a question to a
     compressed context). Layers are unrolled here: each layer's pool is its own array of its own size,
     which a decode step reads in place, where slicing one stacked pool would copy each layer's slice.
-Params layout: see adakv_jax/checkpoints (weights are [in, out], layers stacked on a leading axis).
+Params layout: adakv_jax/params.py describes each parameter once (weights [in, out], layers stacked on a
+leading axis).
 """
 
 from __future__ import annotations
@@ -29,14 +30,11 @@ from adakv_jax import press as press_lib
 from adakv_jax.cache import CachePlan, PagedKVCache, capacity_error, kept_positions, write_new_entries
 from adakv_jax.cache import write_prompt_pages
 from adakv_jax.config import ModelConfig, rope_frequencies
+from adakv_jax.params import init_params, param_dtype  # noqa: F401  (init_params: part of this API)
 from pallas_kernels import backend as backend_lib
 from pallas_kernels.paged_attention import paged_attention
 
 Params = dict[str, Any]
-
-
-def dtype_of(cfg: ModelConfig):
-  return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
 
 
 def rms_norm(x, w, eps):
@@ -175,7 +173,7 @@ def run_prefill(params: Params, tokens_BL: jax.Array, len_B: jax.Array, *, cfg: 
   """
   b, l = tokens_BL.shape
   pos_BL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-  x = params["embed"][tokens_BL].astype(dtype_of(cfg))
+  x = params["embed"][tokens_BL].astype(param_dtype(cfg))
   window = getattr(tap, "window", 0)
   with_colsum = bool(getattr(tap, "with_colsum", False))
 
@@ -353,7 +351,7 @@ def _append_layers(params, tokens_BT, n_valid_B, cache: PagedKVCache, cfg: Model
   b, t = tokens_BT.shape
   hc = cache.num_heads
   pos_BT = cache.pos[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-  x = params["embed"][tokens_BT].astype(dtype_of(cfg))
+  x = params["embed"][tokens_BT].astype(param_dtype(cfg))
   attend = functools.partial(_write_and_attend, backend=backend)
   attend = sharding.per_shard(
       attend, in_axes=(("batch", "kv_heads", None, None, None), ("pages", None, None), ("pages", None, None),
@@ -384,23 +382,3 @@ def _write_and_attend(q_BKGTD, k_pages, v_pages, table_BKM, len_BK, k_BKTD, v_BK
   # fresh pages are zeros and only model outputs are written: dead entries are finite
   o = paged_attention(q_BKGTD, k_pages, v_pages, table_BKM, len_BK + t, backend=backend, finite_dead=True)
   return o, k_pages, v_pages
-
-
-def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> Params:
-  """Random parameters in the checkpoint layout (tests, benchmarks)."""
-  e, f, l = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-  hq, hk = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-  shapes = {"wq": (l, e, hq), "wk": (l, e, hk), "wv": (l, e, hk), "wo": (l, hq, e),
-            "w_gate": (l, e, f), "w_up": (l, e, f), "w_down": (l, f, e)}
-  if cfg.attention_bias:
-    shapes.update(bq=(l, hq), bk=(l, hk), bv=(l, hk))
-  keys = iter(jax.random.split(key, len(shapes) + 2))
-  dt = dtype_of(cfg)
-  layers = {n: (scale * jax.random.normal(next(keys), s)).astype(dt) for n, s in shapes.items()}
-  layers["attn_norm"] = jnp.ones((l, e), dt)
-  layers["mlp_norm"] = jnp.ones((l, e), dt)
-  params = {"embed": (scale * 50 * jax.random.normal(next(keys), (cfg.vocab_size, e))).astype(dt),
-            "layers": layers, "final_norm": jnp.ones((e,), dt)}
-  if not cfg.tie_word_embeddings:
-    params["lm_head"] = (scale * jax.random.normal(next(keys), (e, cfg.vocab_size))).astype(dt)
-  return params

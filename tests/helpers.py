@@ -4,6 +4,7 @@ import jax
 import numpy as np
 
 from adakv_jax import model as model_lib
+from adakv_jax.params import init_params
 from adakv_jax.config import ModelConfig
 
 
@@ -16,7 +17,7 @@ def tiny_config(**kw) -> ModelConfig:
 
 def tiny_model(seed: int = 0, **kw):
   cfg = tiny_config(**kw)
-  return cfg, model_lib.init_params(cfg, jax.random.PRNGKey(seed))
+  return cfg, init_params(cfg, jax.random.PRNGKey(seed))
 
 
 def random_prompts(lengths, vocab=97, seed=0):

@@ -13,14 +13,9 @@ from pathlib import Path
 from adakv_jax.checkpoints.errors import CheckpointError, ConfigError
 from adakv_jax.checkpoints.gguf import load_gguf
 from adakv_jax.checkpoints.hf import load_hf_checkpoint
-<<<<<<< HEAD
-from adakv_jax.checkpoints.layout import check_params, expected_param_shapes
+from adakv_jax.checkpoints.layout import check_params
 from adakv_jax.checkpoints.orbax_io import (SaveTargetError, check_save_target, is_converted_dir,
                                             load_converted, save_converted)
-=======
-from adakv_jax.checkpoints.layout import check_params
-from adakv_jax.checkpoints.orbax_io import is_converted_dir, load_converted, save_converted
->>>>>>> params
 from adakv_jax.checkpoints.registry import REGISTRY, is_registered, resolve_model
 from adakv_jax.checkpoints.tokenizer import ChatTemplateError, Tokenizer
 
@@ -66,12 +61,7 @@ def _cast(cfg, params, dtype):
 
 
 __all__ = [
-<<<<<<< HEAD
     "ChatTemplateError", "CheckpointError", "ConfigError", "SaveTargetError", "Tokenizer", "check_params",
-    "check_save_target", "expected_param_shapes", "load_converted", "load_gguf", "load_hf_checkpoint",
-    "load_model", "resolve_model", "save_converted",
-=======
-    "ChatTemplateError", "CheckpointError", "ConfigError", "Tokenizer", "check_params", "load_converted",
-    "load_gguf", "load_hf_checkpoint", "load_model", "resolve_model", "save_converted",
->>>>>>> params
+    "check_save_target", "load_converted", "load_gguf", "load_hf_checkpoint", "load_model", "resolve_model",
+    "save_converted",
 ]
