@@ -294,6 +294,36 @@ def prefill(params: Params, tokens_BL: jax.Array, len_B: jax.Array, rng: jax.Arr
   return logits_of(params, last_BE, cfg), cache, info
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "press", "plan"))
+def cache_from_capture(captured: LayerOutputs, len_B: jax.Array, rng: jax.Array, *, cfg: ModelConfig, press,
+                       plan: CachePlan):
+  """The (cache, info) `prefill` would return with this press and plan, from one `CaptureTap` prefill:
+  prefill attention never depends on the press, so one capture serves a whole grid of presses."""
+  if press is not None:
+    press.check_page_size(plan.page_size)
+  b = captured.k_BKLD.shape[1]
+  units_LB = (press.layer_units(cfg.num_layers, len_B, plan.page_size) if press is not None
+              else jnp.zeros((cfg.num_layers, b), jnp.int32))
+  tap = PagesTap(cfg=cfg, press=press, plan=plan)
+  window = tap.window
+
+  def layer(_, xs):
+    out, units_B, key = xs
+    if window:
+      q_win = out.q_win_BHWD
+      if q_win is None or q_win.shape[2] < window:
+        raise ValueError(f"the capture holds {0 if q_win is None else q_win.shape[2]} window queries; the "
+                         f"press needs {window}: capture with CaptureTap(window >= {window})")
+      out = out.replace(q_win_BHWD=q_win[:, :, q_win.shape[2] - window:])
+    if tap.with_colsum and out.colsum_BHL is None:
+      raise ValueError("the press scores with column sums (H2O): capture with CaptureTap(with_colsum=True)")
+    return None, tap((len_B, units_B, key), out)
+
+  _, ys = lax.scan(layer, None, (captured, units_LB, jax.random.split(rng, cfg.num_layers)))
+  info = dict(ys["info"], budgets=ys["lengths"], positions=ys["positions"])
+  return cache_from_layers(ys, plan, len_B), info
+
+
 def cache_from_layers(ys, plan: CachePlan, len_B) -> PagedKVCache:
   """Stacked per-layer tap outputs -> a PagedKVCache with each layer's pool cut to its own size."""
   shards = plan.shards[0] * plan.shards[1]

@@ -93,3 +93,22 @@ def test_bfloat16_tracks_float32():
   assert l16.dtype == jnp.float32
   p32, q16 = jax.nn.softmax(l32, -1), jax.nn.softmax(l16, -1)
   assert float(jnp.max(jnp.abs(p32 - q16))) < 5e-2
+
+
+@pytest.mark.parametrize("press_name", [None, "ada-snapkv", "ada-h2o"])
+def test_one_capture_compresses_exactly_as_prefill_does(press_name):
+  from adakv_jax.press import make_press
+
+  cfg, params = tiny_model()
+  prompts = random_prompts([60, 37], seed=5)
+  toks = jnp.asarray([p + [0] * (64 - len(p)) for p in prompts])
+  len_B = jnp.asarray([60, 37])
+  press = make_press(press_name, budget=16, window=4) if press_name else None
+  plan = plan_cache(cfg.num_layers, cfg.num_kv_heads, [60, 37], room=3, press=press, page_size=8)
+  key = jax.random.PRNGKey(3)
+  _, cache, info = model_lib.prefill(params, toks, len_B, key, cfg=cfg, press=press, plan=plan, chunk=32)
+  _, cap = model_lib.run_prefill(params, toks, len_B, cfg=cfg, chunk=32, tap=model_lib.CaptureTap(window=8))
+  got, got_info = model_lib.cache_from_capture(cap, len_B, key, cfg=cfg, press=press, plan=plan)
+  for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(got)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  np.testing.assert_array_equal(info["positions"], got_info["positions"])
