@@ -173,25 +173,23 @@ class PagedKVCache:
     Save them on the host (np.asarray): a device copy would be donated with the cache."""
     return self.replace(lengths=jnp.asarray(lengths, jnp.int32), pos=jnp.asarray(pos, jnp.int32))
 
-  def trim(self) -> "PagedKVCache":
-    """Drops the pool pages no head owns (prefill assigns pages contiguously from each shard's first
-    page), so the pools hold exactly the pages in use. One device read; the result has new shapes, so a
-    jitted step compiles once more for it."""
+  def trim(self, shards: int = 1) -> "PagedKVCache":
+    """Drops the pool pages no head owns, so the pools hold exactly the pages in use (prefill assigns
+    each shard's pages contiguously from its first page; `shards`: mesh shards the pools are split over).
+    One device read; the result has new shapes, so a jitted step compiles once more for it."""
     used = np.asarray(jax.device_get(self.page_table_max_used()))
     k, v = [], []
     for l in range(self.num_layers):
-      n_l = self.k_pages[l].shape[0]
+      n_loc = self.k_pages[l].shape[0] // shards
       keep = max(int(used[l]), 1)
-      if keep >= n_l:
-        k.append(self.k_pages[l])
-        v.append(self.v_pages[l])
-        continue
-      k.append(self.k_pages[l][:keep])
-      v.append(self.v_pages[l][:keep])
+      cut = lambda x: x.reshape(shards, n_loc, *x.shape[1:])[:, :keep].reshape(shards * keep, *x.shape[1:])
+      k.append(self.k_pages[l] if keep >= n_loc else cut(self.k_pages[l]))
+      v.append(self.v_pages[l] if keep >= n_loc else cut(self.v_pages[l]))
     return self.replace(k_pages=tuple(k), v_pages=tuple(v))
 
   def page_table_max_used(self) -> jax.Array:
-    """[L]: one past the highest page id any head owns, per layer (single-shard caches)."""
+    """[L]: one past the highest page id any head owns, per layer (ids are local to a shard: this is the
+    fullest shard's count)."""
     slot = jnp.arange(self.page_table.shape[-1])[None, None, None, :]
     owned = slot < self.num_pages[..., None]
     return jnp.max(jnp.where(owned, self.page_table + 1, 0), axis=(1, 2, 3))

@@ -326,8 +326,8 @@ def _generate(params, cfg, prompts, *, max_new_tokens, press, sampling, eos_toke
     jax.block_until_ready(cache)
   prefill_s, compile_s = clock["run_s"], clock["compile_s"]
   info = jax.device_get(info)
-  if trim and shards == (1, 1):
-    cache = cache.trim()
+  if trim:
+    cache = cache.trim(shards[0] * shards[1])
   kept_bytes = int(np.sum(info["budgets"])) * cache.entry_bytes
   pages_used = cache.pages_used()
   stats = {"decode_s": 0.0, "tokens": 0, "compile_s": 0.0}
