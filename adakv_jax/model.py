@@ -26,6 +26,7 @@ from jax import lax
 from flax import struct
 
 from adakv_jax import sharding
+from adakv_jax.attention import causal_prefill_attention
 from adakv_jax import press as press_lib
 from adakv_jax.cache import CachePlan, PagedKVCache, capacity_error, kept_positions, write_new_entries
 from adakv_jax.cache import write_prompt_pages
@@ -76,43 +77,6 @@ def attention_output_and_mlp(lp, x_BLE, attn_BHLD, cfg: ModelConfig):
   y = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
   y = (jax.nn.silu(y @ lp["w_gate"]) * (y @ lp["w_up"])) @ lp["w_down"]
   return x + y
-
-
-def chunked_causal_attention(q_BHLD, k_BKLD, v_BKLD, len_B, *, chunk: int, with_colsum: bool):
-  """Causal attention over a right-padded prompt, one query chunk at a time.
-
-  Never materialises the [L, L] score matrix: a chunk holds [B, H, chunk, L]. With `with_colsum` it also
-  returns, per key, the attention probability summed over all valid queries (the H2O statistic).
-  """
-  b, h, l, d = q_BHLD.shape
-  kh = k_BKLD.shape[1]
-  g = h // kh
-  if l % chunk:
-    raise ValueError(f"the padded prompt length {l} must be a multiple of the prefill chunk {chunk}")
-  scale = 1.0 / jnp.sqrt(jnp.float32(d))
-  key_pos = jnp.arange(l)
-  key_ok_BL = key_pos[None, :] < len_B[:, None]
-  q_NBKGCD = q_BHLD.reshape(b, kh, g, l // chunk, chunk, d).transpose(3, 0, 1, 2, 4, 5)
-
-  def one_chunk(colsum_BHL, xs):
-    q_BKGCD, start = xs
-    s = jnp.einsum("bkgcd,bkld->bkgcl", q_BKGCD, k_BKLD, preferred_element_type=jnp.float32) * scale
-    q_pos = start + jnp.arange(chunk)
-    ok = (key_pos[None, :] <= q_pos[:, None])[None] & key_ok_BL[:, None, :]  # [B, C, L]
-    s = jnp.where(ok[:, None, None], s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1)
-    p = jnp.where(ok[:, None, None], p, 0.0)  # padded queries past a prompt's end see nothing
-    o = jnp.einsum("bkgcl,bkld->bkgcd", p.astype(v_BKLD.dtype), v_BKLD, preferred_element_type=jnp.float32)
-    if with_colsum:
-      q_ok = (q_pos[None, :] < len_B[:, None])[:, None, None, :, None]  # [B,1,1,C,1]
-      colsum_BHL = colsum_BHL + jnp.sum(jnp.where(q_ok, p, 0.0), axis=3).reshape(b, h, l)
-    return colsum_BHL, o.astype(q_BHLD.dtype)
-
-  starts = jnp.arange(l // chunk) * chunk
-  init = jnp.zeros((b, h, l), jnp.float32) if with_colsum else jnp.zeros((), jnp.float32)
-  colsum, o_NBKGCD = lax.scan(one_chunk, init, (q_NBKGCD, starts))
-  o_BHLD = o_NBKGCD.transpose(1, 2, 3, 0, 4, 5).reshape(b, h, l, d)
-  return o_BHLD, (colsum if with_colsum else None)
 
 
 def logits_of(params, x_BE, cfg: ModelConfig):
@@ -180,7 +144,7 @@ def run_prefill(params: Params, tokens_BL: jax.Array, len_B: jax.Array, *, cfg: 
   def layer(x, xs):
     lp, extra = xs
     q, k, v = attention_inputs(lp, x, pos_BL, cfg)
-    o, colsum = chunked_causal_attention(q, k, v, len_B, chunk=chunk, with_colsum=with_colsum)
+    o, colsum = causal_prefill_attention(q, k, v, len_B, chunk=chunk, with_colsum=with_colsum)
     x = attention_output_and_mlp(lp, x, o, cfg)
     if tap is None:
       return x, None
