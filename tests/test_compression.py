@@ -9,30 +9,10 @@ from adakv_jax import generation as gen
 from adakv_jax import model as model_lib
 from adakv_jax.cache import plan_cache
 from adakv_jax.press import make_press
-from tests.helpers import random_prompts, tiny_model
+from adakv_jax.testing import keep_mask, masked_decode_reference, random_prompts, tiny_model
 
 ALL_PRESSES = ("snapkv", "ada-snapkv", "pyramidkv", "ada-pyramidkv", "h2o", "ada-h2o", "streamingllm",
                "knorm", "random")
-
-
-def _masked_decode_reference(params, cfg, k_LBKC, v_LBKC, keep_LBKC, pos_B, token_B):
-  """One decode step over the FULL prompt K/V with evicted entries masked out (plain jnp, per layer)."""
-  b = token_B.shape[0]
-  x = params["embed"][token_B[:, None]].astype(jnp.float32)
-  pos = pos_B[:, None]
-  for i in range(cfg.num_layers):
-    lp = jax.tree.map(lambda a: a[i], params["layers"])
-    q, k, v = model_lib.attention_inputs(lp, x, pos, cfg)
-    ck = jnp.concatenate([k_LBKC[i], k], axis=2)
-    cv = jnp.concatenate([v_LBKC[i], v], axis=2)
-    keep = jnp.concatenate([keep_LBKC[i], jnp.ones((b, cfg.num_kv_heads, 1), bool)], axis=2)
-    g = cfg.num_heads // cfg.num_kv_heads
-    qg = q.reshape(b, cfg.num_kv_heads, g, cfg.head_dim)
-    s = jnp.einsum("bkgd,bkcd->bkgc", qg, ck) / np.sqrt(cfg.head_dim)
-    p = jax.nn.softmax(jnp.where(keep[:, :, None, :], s, -jnp.inf), axis=-1)
-    o = jnp.einsum("bkgc,bkcd->bkgd", p, cv).reshape(b, cfg.num_heads, 1, cfg.head_dim)
-    x = model_lib.attention_output_and_mlp(lp, x, o, cfg)
-  return model_lib.logits_of(params, x[:, 0], cfg)
 
 
 @pytest.mark.parametrize("name,extra", [("ada-snapkv", {}), ("pyramidkv", {}), ("ada-h2o", {}),
@@ -47,14 +27,11 @@ def test_compressed_decode_equals_masked_dense_attention(name, extra):
   _, cache, info = model_lib.prefill(params, toks, len_B, jax.random.PRNGKey(0), cfg=cfg, press=press,
                                      plan=plan, chunk=64)
   _, cap = model_lib.run_prefill(params, toks, len_B, cfg=cfg, chunk=64, tap=model_lib.CaptureTap(window=8))
-  pos = np.asarray(info["positions"])  # [L, B, K, C]
-  keep = np.zeros((cfg.num_layers, 2, cfg.num_kv_heads, 64), bool)
-  for l, b, h, c in zip(*np.nonzero(pos >= 0)):
-    keep[l, b, h, pos[l, b, h, c]] = True
+  keep = keep_mask(info["positions"], 64)  # [L, B, K, 64]
   assert keep.sum() == int(np.asarray(cache.lengths).sum())  # positions are unique and complete
   assert (keep.sum((-1, -2)) < cfg.num_kv_heads * np.asarray(lens)).all()  # something was really evicted
   token = jnp.asarray([5, 7])
-  ref = _masked_decode_reference(params, cfg, cap.k_BKLD, cap.v_BKLD, jnp.asarray(keep), len_B, token)
+  ref = masked_decode_reference(params, cfg, cap.k_BKLD, cap.v_BKLD, jnp.asarray(keep), len_B, token)
   for backend in ("xla", "pallas"):
     got, _ = model_lib.append(params, token[:, None], jnp.ones(2, jnp.int32), jax.tree.map(jnp.copy, cache),
                               cfg=cfg, backend=backend)

@@ -7,7 +7,7 @@ import pytest
 
 from adakv_jax import generation as gen
 from adakv_jax.cache import CacheCapacityError
-from tests.helpers import greedy_reference, random_prompts, tiny_model
+from adakv_jax.testing import greedy_reference, random_prompts, tiny_model
 
 
 def test_batch_of_different_lengths_equals_single_runs_and_uncached_reference():

@@ -7,7 +7,7 @@ import pytest
 
 from adakv_jax import model as model_lib
 from adakv_jax.cache import plan_cache
-from tests.helpers import random_prompts, tiny_model
+from adakv_jax.testing import random_prompts, tiny_model
 
 
 def test_chunked_prefill_equals_unchunked():

@@ -10,7 +10,7 @@ from adakv_jax import model as model_lib
 from adakv_jax import params as params_lib
 from adakv_jax import sharding
 from adakv_jax.checkpoints import gguf
-from tests.helpers import tiny_config
+from adakv_jax.testing import tiny_config
 
 CONFIGS = {
     "llama_tied": dict(tie_word_embeddings=True),

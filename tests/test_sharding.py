@@ -6,7 +6,7 @@ import pytest
 
 from adakv_jax import generation as gen
 from adakv_jax import sharding
-from tests.helpers import random_prompts, tiny_model
+from adakv_jax.testing import random_prompts, tiny_model
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
