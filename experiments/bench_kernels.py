@@ -169,7 +169,7 @@ def xla_crossover_section(a, rng):
   scale = 1.0 / np.sqrt(d)
   prec = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
   forms = {
-      "all_rows": jax.jit(functools.partial(pa._all_rows_attention, sm_scale=scale)),
+      "all_rows": jax.jit(functools.partial(pa._all_rows_attention, sm_scale=scale, finite_dead=True)),
       "gathered": jax.jit(functools.partial(pa._gathered_attention, sm_scale=scale,
                                             compute_dtype=dtype, precision=prec)),
   }

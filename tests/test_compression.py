@@ -157,7 +157,7 @@ CASES = [  # (press name, overrides, prompt lengths): what the padding-overhead 
     ("ada-snapkv", dict(budget=256), [600]), ("ada-pyramidkv", dict(budget=64), [400]),
     ("snapkv", dict(budget=64), [400]), ("pyramidkv", dict(budget=128), [400]),
     ("h2o", dict(budget=64), [400]), ("ada-snapkv", dict(compression_ratio=0.5), [400]),
-    ("ada-snapkv", dict(compression_ratio=0.9), [400]), ("ada-snapkv", dict(budget=64), [400, 250, 130]),
+    ("ada-snapkv", dict(compression_ratio=0.9), [700]), ("ada-snapkv", dict(budget=64), [400, 250, 130]),
     ("ada-snapkv", dict(budget=64, gqa="query"), [400]),
     ("ada-snapkv", dict(budget=64, granularity="page"), [400]),
     ("ada-pyramidkv", dict(budget=128, granularity="page", gqa="query"), [400]), (None, {}, [400, 250]),
@@ -166,7 +166,9 @@ CASES = [  # (press name, overrides, prompt lengths): what the padding-overhead 
 
 @pytest.mark.parametrize("name,overrides,lens", CASES, ids=[f"{c[0]}-{c[1]}-{len(c[2])}" for c in CASES])
 def test_allocated_memory_is_within_ten_percent_of_kept_plus_decode_room(name, overrides, lens):
-  """The paged cache allocates what the press keeps: padding_overhead = allocated / (kept + room)."""
+  """The paged cache allocates what the press keeps: padding_overhead = allocated / (kept + room), at
+  most 1 + (P - 1) / (kept + room per head) by construction (one partial page per head); with budgets of
+  64 and more and 64 new tokens that stays within 1.10 (ratio 0.9 of 700 tokens keeps 70 per head)."""
   cfg, params = tiny_model(num_heads=8, num_kv_heads=4, head_dim=16, num_layers=4, max_position_embeddings=1024)
   press = make_press(name, window=32, **overrides) if name else None
   res = gen.generate(params, cfg, random_prompts(lens, seed=3), max_new_tokens=64, press=press, backend="xla")
