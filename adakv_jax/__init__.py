@@ -9,8 +9,13 @@ __version__ = "0.1.0"
 
 from adakv_jax.cache import CacheCapacityError, CachePlan, PagedKVCache, plan_cache
 from adakv_jax.config import ConfigError, ModelConfig, RopeScaling
-from adakv_jax.generation import GenerationResult, PromptError, Sampling, decode_step, generate
+from adakv_jax.generation import (CompressedContext, GenerationResult, PromptError, Sampling,
+                                  answer_questions, compress_context, decode_step, generate)
+from adakv_jax.layer_cache import (LayerCache, append_kv, attend, compress_prompt, layer_of, plan_layers,
+                                   stack_layers, window_queries)
 from adakv_jax.model import append, forward_full, init_params, prefill
+from adakv_jax.nnx_model import LlamaNNX
 
-from adakv_jax.checkpoints import CheckpointError, Tokenizer, load_model, save_converted
+from adakv_jax.checkpoints import (CheckpointError, ContextMismatchError, Tokenizer, load_context, load_model,
+                                   save_context, save_converted)
 from adakv_jax.press import PRESETS, Press, make_press

@@ -293,6 +293,77 @@ def write_new_entries(k_pages_NPD, v_pages_NPD, page_table_BHM, lengths_BH, k_BH
   return k_pages_NPD, v_pages_NPD
 
 
+# ---- a cache's live entries, packed (saved contexts) -----------------------------------------------------
+
+
+def plan_for_lengths(lengths_LBH, *, room: int, page_size: int, max_pages: int | None = None) -> CachePlan:
+  """The exact plan of a cache whose heads hold `lengths_LBH` entries and take `room` more: each layer's
+  pool is the pages its heads need (host side; a single device). max_pages: a wider page table than
+  the fullest head needs (to match another cache's shapes)."""
+  lengths = np.asarray(lengths_LBH, np.int64)
+  pages_LBH = pages_for(lengths + room, page_size)
+  need = max(int(pages_LBH.max()), 1)
+  if max_pages is not None and max_pages < need:
+    raise ValueError(f"max_pages={max_pages} is fewer than the {need} pages the fullest head needs")
+  return CachePlan(page_size=page_size, layer_pages=tuple(max(int(n), 1) for n in pages_LBH.sum(axis=(1, 2))),
+                   max_pages=need if max_pages is None else int(max_pages), room=int(room))
+
+
+def live_entries(cache: PagedKVCache):
+  """Every head's live entries, packed on the host: (k [E, D], v [E, D], lengths [L, B, H']) with the E
+  entries in (layer, sequence, head, storage) order. One device read of the cache (a single device)."""
+  lengths = np.asarray(jax.device_get(cache.lengths))
+  table = np.asarray(jax.device_get(cache.page_table))
+  p = cache.page_size
+  rows = []
+  for l in range(cache.num_layers):
+    j_C = np.arange(max(int(lengths[l].max()), 1))
+    live_BHC = j_C[None, None, :] < lengths[l][..., None]
+    page_BHC = table[l][..., np.minimum(j_C // p, table.shape[-1] - 1)]
+    rows.append((page_BHC * p + j_C % p)[live_BHC])
+  k = [np.asarray(jax.device_get(cache.k_pages[l])).reshape(-1, cache.k_pages[l].shape[-1])[r]
+       for l, r in enumerate(rows)]
+  v = [np.asarray(jax.device_get(cache.v_pages[l])).reshape(-1, cache.v_pages[l].shape[-1])[r]
+       for l, r in enumerate(rows)]
+  return np.concatenate(k), np.concatenate(v), lengths
+
+
+def cache_from_entries(k_ED, v_ED, lengths_LBH, pos_B, *, room: int, page_size: int,
+                       max_pages: int | None = None) -> PagedKVCache:
+  """The inverse of `live_entries`: a cache holding those entries, laid out as prefill lays out a cache
+  of these lengths (pages assigned contiguously, ceil((length + room) / P) per head, `plan_for_lengths`)."""
+  lengths = np.asarray(lengths_LBH, np.int64)
+  k_ED, v_ED = np.asarray(k_ED), np.asarray(v_ED)
+  if k_ED.shape != v_ED.shape or k_ED.ndim != 2 or len(k_ED) != lengths.sum():
+    raise ValueError(f"packed keys {k_ED.shape} / values {v_ED.shape} must both be [E, D] with E = "
+                     f"{int(lengths.sum())}, the sum of the lengths")
+  plan = plan_for_lengths(lengths, room=room, page_size=page_size, max_pages=max_pages)
+  starts = np.concatenate([[0], np.cumsum(lengths.reshape(-1))])[:-1].reshape(lengths.shape)
+  ks, vs, tables, counts = [], [], [], []
+  for l in range(plan.num_layers):
+    j_C = np.arange(max(int(lengths[l].max()), 1))
+    idx_BHC = np.where(j_C < lengths[l][..., None], starts[l][..., None] + j_C, 0)
+    kept_BH = jnp.asarray(lengths[l], jnp.int32)
+    positions_BHC = jnp.broadcast_to(jnp.asarray(j_C, jnp.int32), idx_BHC.shape)
+    k_p, v_p, table, num_pages = write_prompt_pages(
+        jnp.asarray(k_ED[idx_BHC]), jnp.asarray(v_ED[idx_BHC]), positions_BHC, kept_BH,
+        pool_pages=plan.layer_pages[l], page_size=page_size, max_pages=plan.max_pages, room=room)
+    ks.append(k_p)
+    vs.append(v_p)
+    tables.append(table)
+    counts.append(num_pages)
+  return PagedKVCache(k_pages=tuple(ks), v_pages=tuple(vs), page_table=jnp.stack(tables),
+                      num_pages=jnp.stack(counts), lengths=jnp.asarray(lengths, jnp.int32),
+                      pos=jnp.asarray(pos_B, jnp.int32))
+
+
+def with_room(cache: PagedKVCache, room: int, max_pages: int | None = None) -> PagedKVCache:
+  """The same live entries in a fresh exact layout with `room` free entries per head (single device)."""
+  k, v, lengths = live_entries(cache)
+  return cache_from_entries(k, v, lengths, jax.device_get(cache.pos), room=room, page_size=cache.page_size,
+                            max_pages=max_pages)
+
+
 def cache_bytes_of(plan: CachePlan, head_dim: int, dtype) -> int:
   """Allocated K/V bytes of a cache made from `plan`."""
   return 2 * sum(plan.layer_pages) * plan.page_size * head_dim * jnp.dtype(dtype).itemsize
@@ -300,4 +371,5 @@ def cache_bytes_of(plan: CachePlan, head_dim: int, dtype) -> int:
 
 __all__ = ["CacheCapacityError", "CachePlan", "PagedKVCache", "DEFAULT_PAGE_SIZE", "plan_cache",
            "empty_cache", "assign_pages", "kept_positions", "page_owners", "write_prompt_pages",
-           "write_new_entries", "pages_for", "cache_bytes_of"]
+           "write_new_entries", "pages_for", "cache_bytes_of", "plan_for_lengths", "live_entries",
+           "cache_from_entries", "with_room"]

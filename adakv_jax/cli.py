@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
   g = sub.add_parser("generate", help="generate text with a full or compressed KV cache")
   g.add_argument("--model", default="smollm2-135m", help="a registered name (smollm2-135m, "
                  "qwen2.5-coder-0.5b), a HF checkpoint dir, a .gguf file or a converted (orbax) dir")
-  src = g.add_mutually_exclusive_group(required=True)
+  src = g.add_mutually_exclusive_group()  # one is required unless --load-context gives the context
   src.add_argument("--prompt", help="prompt text (the context, in question-agnostic mode)")
   src.add_argument("--prompt-file", help="read the prompt from this file")
   g.add_argument("--max-new-tokens", type=int, default=64)
@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--seed", type=int, default=0)
   g.add_argument("--backend", choices=("auto", "xla", "pallas"), default="auto")
   c = g.add_argument_group("compression")
-  c.add_argument("--press", default="full", help=f"one of: {', '.join(PRESS_NAMES)}")
+  c.add_argument("--press", help=f"one of: {', '.join(PRESS_NAMES)} (default full; with --load-context, "
+                 "the saved context's)")
   b = c.add_mutually_exclusive_group()
   b.add_argument("--budget", type=int, help="average cache entries per head, window included")
   b.add_argument("--compression-ratio", type=float, help="fraction of the prompt's entries to evict")
@@ -52,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
   c.add_argument("--question", action="append", help="question-agnostic mode: compress the prompt alone, "
                  "then answer each question against the same compressed cache (repeatable)")
   c.add_argument("--show-positions", action="store_true", help="include kept positions in --json")
+  sc = g.add_argument_group("saved contexts")
+  sc.add_argument("--save-context", metavar="DIR", help="compress the prompt alone (question-agnostic), save "
+                  "the compressed context to DIR and exit")
+  sc.add_argument("--load-context", metavar="DIR", help="answer each --question from the compressed context "
+                  "saved in DIR (no prompt, no prefill; the same model and press it was saved with)")
+  sc.add_argument("--overwrite", action="store_true", help="with --save-context: replace a saved context")
   cv = sub.add_parser("convert", help="convert a checkpoint once (orbax) so later runs load it fast")
   cv.add_argument("--model", required=True, help="a registered name, a HF checkpoint dir or a .gguf file")
   cv.add_argument("--out", required=True, help="directory to write (then use it as --model)")
@@ -147,6 +154,11 @@ def cmd_generate(a) -> int:
   from adakv_jax.checkpoints import load_model
   from adakv_jax.generation import Sampling, generate
 
+  press_given = a.press is not None or any(getattr(a, n) is not None for n in _COMPRESSION_OPTIONS)
+  a.press = "full" if a.press is None else a.press
+  _check_context_options(a)
+  if a.load_context is not None:
+    return _answer_saved_context(a, press_given)
   text = a.prompt if a.prompt is not None else _read_prompt_file(a.prompt_file)
   if not text.strip():
     raise ValueError("the prompt is empty")
@@ -155,6 +167,8 @@ def cmd_generate(a) -> int:
   press = _press_from_args(a)
   if press is not None:
     press.check_page_size(a.page_size)
+  if a.save_context is not None:
+    return _save_context(a, text, press)
   cfg, params, tok = load_model(a.model, dtype=a.dtype)
   prompt_ids, question_ids = _encode_prompt(tok, text, a.raw, a.question)
   eos = tuple(tok.eos_token_ids) or cfg.eos_token_ids
@@ -163,9 +177,13 @@ def cmd_generate(a) -> int:
                  sampling=sampling, eos_token_ids=eos, questions=question_ids or None,
                  return_positions=a.show_positions, backend=a.backend, seed=a.seed, page_size=a.page_size,
                  progress=not a.json and a.question is not None and sys.stderr.isatty(), on_tokens=stream)
+  return _report(a, tok, res, press, a.press, a.question, stream)
+
+
+def _report(a, tok, res, press, press_name: str, questions, stream) -> int:
   out = {
       "model": a.model,
-      "press": a.press,
+      "press": press_name,
       "press_config": dataclasses.asdict(press) if press is not None else None,
       "text": tok.decode(res.token_ids[0]),
       "token_ids": res.token_ids[0],
@@ -191,7 +209,7 @@ def cmd_generate(a) -> int:
     out["positions"] = res.positions[:, 0].tolist()
   if res.answers is not None:
     out["answers"] = [{"question": q, "text": tok.decode(ans[0]), "token_ids": ans[0]}
-                      for q, ans in zip(a.question, res.answers)]
+                      for q, ans in zip(questions, res.answers)]
   if a.json:
     print(json.dumps(out))
     return 0
@@ -210,6 +228,84 @@ def cmd_generate(a) -> int:
         f"{mib(res.full_cache_bytes)}: {saved:.1%} saved | prefill {res.prefill_s:.2f}s | "
         f"{res.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
   return 0
+
+
+def _check_context_options(a) -> None:
+  """Saved-context flags that contradict each other or the rest of the command, before anything loads."""
+  if a.save_context is not None and a.load_context is not None:
+    raise ValueError("--save-context and --load-context exclude each other: save in one run, load in another")
+  if a.overwrite and a.save_context is None:
+    raise ValueError("--overwrite replaces a saved context: it needs --save-context DIR")
+  if a.load_context is not None:
+    if a.prompt is not None or a.prompt_file is not None:
+      raise ValueError("--load-context DIR is the context: drop --prompt / --prompt-file")
+    if not a.question:
+      raise ValueError("--load-context needs at least one --question to answer from the saved context")
+    if a.raw:
+      raise ValueError("--raw has no effect with --load-context: questions are encoded as the context was "
+                       "when it was saved")
+    return
+  if a.prompt is None and a.prompt_file is None:
+    raise ValueError("one of --prompt / --prompt-file is required (or --load-context DIR with --question)")
+  if a.save_context is not None:
+    if a.question:
+      raise ValueError("--save-context compresses the prompt alone and exits; ask the questions later with "
+                       "--load-context DIR --question ...")
+    if a.show_positions:
+      raise ValueError("--show-positions has no effect with --save-context (the positions are saved)")
+
+
+def _save_context(a, text: str, press) -> int:
+  from adakv_jax.checkpoints import SaveTargetError, load_model, save_context
+  from adakv_jax.checkpoints.contexts import check_context_target, saved_bytes
+  from adakv_jax.generation import compress_context
+
+  try:
+    check_context_target(a.save_context, a.overwrite)  # before the model loads
+  except SaveTargetError as e:
+    raise ValueError(e.for_option("--overwrite")) from None
+  cfg, params, tok = load_model(a.model, dtype=a.dtype)
+  # as a question-agnostic run encodes its context: the user turn left open for the questions
+  prompt_ids, _ = _encode_prompt(tok, text, a.raw, ("",))
+  ctx = compress_context(params, cfg, [prompt_ids], press=press, seed=a.seed, page_size=a.page_size)
+  ctx.meta.update(raw=bool(a.raw), model=str(a.model))
+  path = save_context(a.save_context, ctx, cfg=cfg, params=params, tokenizer=tok, overwrite=a.overwrite)
+  out = {"saved_context": str(path), "model": a.model, "press": a.press,
+         "press_config": dataclasses.asdict(press) if press is not None else None,
+         "prompt_tokens": ctx.prompt_lens[0], "kept_bytes": ctx.cache.kept_bytes(),
+         "saved_bytes": saved_bytes(path), "prefill_s": round(ctx.prefill_s, 4), "notes": (
+             press.check_prompt(ctx.prompt_lens) if press is not None else [])}
+  if a.json:
+    print(json.dumps(out))
+  else:
+    mib = lambda x: f"{x / 2**20:.2f} MiB"  # noqa: E731
+    print(f"saved the compressed context of {out['prompt_tokens']} prompt tokens to {path}: "
+          f"{mib(out['saved_bytes'])} on disk for {mib(out['kept_bytes'])} of kept entries; answer with "
+          f"--load-context {path} --question ...")
+  return 0
+
+
+def _answer_saved_context(a, press_given: bool) -> int:
+  from adakv_jax.checkpoints import load_context, load_model
+  from adakv_jax.checkpoints.contexts import read_context_marker
+  from adakv_jax.generation import Sampling, answer_questions
+  from adakv_jax.press import press_label
+
+  sampling = Sampling(a.temperature, a.top_p)
+  if a.max_new_tokens < 1:
+    raise ValueError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+  read_context_marker(a.load_context)  # not a saved context: refused before the model loads
+  press = _press_from_args(a) if press_given else None
+  cfg, params, tok = load_model(a.model, dtype=a.dtype)
+  kw = dict(press=press) if press_given else {}
+  ctx = load_context(a.load_context, cfg=cfg, params=params, tokenizer=tok, **kw)
+  _, question_ids = _encode_prompt(tok, "", bool(ctx.meta.get("raw")), a.question)
+  eos = tuple(tok.eos_token_ids) or cfg.eos_token_ids
+  res = answer_questions(params, cfg, ctx, question_ids, max_new_tokens=a.max_new_tokens, sampling=sampling,
+                         eos_token_ids=eos, backend=a.backend, seed=a.seed)
+  if not a.show_positions:
+    res.positions = None
+  return _report(a, tok, res, ctx.press, press_label(ctx.press), a.question, None)
 
 
 def main(argv=None) -> int:

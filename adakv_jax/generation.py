@@ -22,7 +22,7 @@ from flax import struct
 
 from adakv_jax import model as model_lib
 from adakv_jax import sharding
-from adakv_jax.cache import DEFAULT_PAGE_SIZE, CacheCapacityError, PagedKVCache, plan_cache
+from adakv_jax.cache import DEFAULT_PAGE_SIZE, CacheCapacityError, PagedKVCache, plan_cache, with_room
 from adakv_jax.config import ModelConfig
 from adakv_jax.params import param_dtype
 
@@ -291,24 +291,26 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
                      progress=progress, on_tokens=on_tokens, stream_every=stream_every)
 
 
-def _generate(params, cfg, prompts, *, max_new_tokens, press, sampling, eos_token_ids, rounds,
-              return_positions, backend, seed, mesh, page_size, trim, progress, on_tokens,
-              stream_every) -> GenerationResult:
-  lens = [len(p) for p in prompts]
-  q_max = max((len(q) for r in rounds or [] for q in r), default=0)
+def _check_context_length(cfg: ModelConfig, lens, q_max: int, max_new_tokens: int) -> None:
   need = max(lens) + q_max + max_new_tokens
   if need > cfg.max_position_embeddings:
     raise PromptError(
         f"prompt of {max(lens)} tokens + {q_max} question tokens + {max_new_tokens} new tokens = {need} "
         f"exceeds the model's context of {cfg.max_position_embeddings} tokens")
-  eos = tuple(int(e) for e in (cfg.eos_token_ids if eos_token_ids is None else eos_token_ids))
-  notes = list(press.check_prompt(lens)) if press is not None else []
+
+
+def _eos_ids(cfg: ModelConfig, eos_token_ids) -> tuple[int, ...]:
+  return tuple(int(e) for e in (cfg.eos_token_ids if eos_token_ids is None else eos_token_ids))
+
+
+def _prefill(params, cfg, prompts, *, press, room, key, page_size, mesh, trim):
+  """Prefill (and compress) the prompts into a cache with `room` entries per head past the kept ones.
+  Returns (last-token logits, cache, host info, prefill run seconds, compile seconds)."""
+  lens = [len(p) for p in prompts]
   if press is not None:
     press.check_page_size(page_size)
-
   chunk = model_lib.prompt_chunk(max(lens))
   padded = model_lib.padded_length(max(lens))
-  room = q_max + max_new_tokens
   heads = press.cache_heads(cfg.num_heads, cfg.num_kv_heads) if press is not None else cfg.num_kv_heads
   shards = sharding.mesh_shards()
   plan = plan_cache(cfg.num_layers, heads, lens, room=room, press=press, page_size=page_size, shards=shards)
@@ -317,17 +319,49 @@ def _generate(params, cfg, prompts, *, max_new_tokens, press, sampling, eos_toke
   if mesh is not None:
     tokens = jax.device_put(tokens, sharding.batch_sharding(mesh, 2))
     len_B = jax.device_put(len_B, sharding.batch_sharding(mesh, 1))
-  key = jax.random.PRNGKey(seed)
-  key, pkey = jax.random.split(key)
-
   with _stopwatch() as clock:
-    logits, cache, info = model_lib.prefill(params, tokens, len_B, pkey, cfg=cfg, press=press, plan=plan,
+    logits, cache, info = model_lib.prefill(params, tokens, len_B, key, cfg=cfg, press=press, plan=plan,
                                             chunk=chunk)
     jax.block_until_ready(cache)
-  prefill_s, compile_s = clock["run_s"], clock["compile_s"]
-  info = jax.device_get(info)
+  info = sharding.to_host(info)
   if trim:
     cache = cache.trim(shards[0] * shards[1])
+  return logits, cache, info, clock["run_s"], clock["compile_s"]
+
+
+def _answer_rounds(run, params, cfg, cache: PagedKVCache, rounds, key, *, sampling, backend, stats):
+  """Question-agnostic decoding: each round rolls every head back to the context, appends the round's
+  questions and decodes. Returns (answers [round][sequence] -> ids, the cache)."""
+  saved_len, saved_pos = sharding.to_host((cache.lengths, cache.pos))  # host: never donated
+  answers = []
+  for qs in rounds:
+    cache = cache.rollback(saved_len, saved_pos)
+    t = max(len(q) for q in qs)
+    q_BT = jnp.asarray(_pad_batch(qs, t))
+    with _stopwatch() as qclock:
+      logits, cache = model_lib.append(params, q_BT, jnp.asarray([len(q) for q in qs], jnp.int32), cache,
+                                       cfg=cfg, backend=backend)
+      jax.block_until_ready(logits)
+    stats["compile_s"] += qclock["compile_s"]
+    key, sub, loop_key = jax.random.split(key, 3)
+    ans, cache = run(sample(logits, sub, sampling), cache, loop_key, on_tokens=None)
+    answers.append(ans)
+  return answers, cache
+
+
+def _generate(params, cfg, prompts, *, max_new_tokens, press, sampling, eos_token_ids, rounds,
+              return_positions, backend, seed, mesh, page_size, trim, progress, on_tokens,
+              stream_every) -> GenerationResult:
+  lens = [len(p) for p in prompts]
+  q_max = max((len(q) for r in rounds or [] for q in r), default=0)
+  _check_context_length(cfg, lens, q_max, max_new_tokens)
+  eos = _eos_ids(cfg, eos_token_ids)
+  notes = list(press.check_prompt(lens)) if press is not None else []
+  room = q_max + max_new_tokens
+  key = jax.random.PRNGKey(seed)
+  key, pkey = jax.random.split(key)
+  logits, cache, info, prefill_s, compile_s = _prefill(params, cfg, prompts, press=press, room=room, key=pkey,
+                                                       page_size=page_size, mesh=mesh, trim=trim)
   kept_bytes = int(np.sum(info["budgets"])) * cache.entry_bytes
   pages_used = cache.pages_used()
   stats = {"decode_s": 0.0, "tokens": 0, "compile_s": 0.0}
@@ -339,29 +373,24 @@ def _generate(params, cfg, prompts, *, max_new_tokens, press, sampling, eos_toke
     key, sub, loop_key = jax.random.split(key, 3)
     out, cache = run(sample(logits, sub, sampling), cache, loop_key, on_tokens=on_tokens)
   else:
-    saved_len, saved_pos = np.asarray(cache.lengths), np.asarray(cache.pos)  # host: never donated
-    answers = []
-    for qs in rounds:
-      cache = cache.rollback(saved_len, saved_pos)
-      t = max(len(q) for q in qs)
-      q_BT = jnp.asarray(_pad_batch(qs, t))
-      with _stopwatch() as qclock:
-        logits, cache = model_lib.append(params, q_BT, jnp.asarray([len(q) for q in qs], jnp.int32), cache,
-                                         cfg=cfg, backend=backend)
-        jax.block_until_ready(logits)
-      stats["compile_s"] += qclock["compile_s"]
-      key, sub, loop_key = jax.random.split(key, 3)
-      ans, cache = run(sample(logits, sub, sampling), cache, loop_key, on_tokens=None)
-      answers.append(ans)
+    answers, cache = _answer_rounds(run, params, cfg, cache, rounds, key, sampling=sampling, backend=backend,
+                                    stats=stats)
     out = answers[0]
+  return _result(cfg, cache, out, answers, lens=lens, room=room, page_size=page_size, kept_bytes=kept_bytes,
+                 pages_used=pages_used, prefill_s=prefill_s, compile_s=compile_s, stats=stats, info=info,
+                 press=press, notes=notes, return_positions=return_positions,
+                 final_logits=sharding.to_host(logits) if rounds is None else None)
 
+
+def _result(cfg, cache, out, answers, *, lens, room, page_size, kept_bytes, pages_used, prefill_s, compile_s,
+            stats, info, press, notes, return_positions, final_logits) -> GenerationResult:
   entry = cache.entry_bytes
   return GenerationResult(
       token_ids=out,
       prompt_tokens=lens,
       cache_bytes=cache.nbytes(),
       kept_bytes=kept_bytes,
-      decode_room_bytes=cfg.num_layers * len(prompts) * heads * room * entry,
+      decode_room_bytes=cfg.num_layers * len(lens) * cache.num_heads * room * entry,
       full_cache_bytes=full_cache_bytes(cfg, lens, room, page_size),
       page_size=page_size,
       pages_used=pages_used,
@@ -374,10 +403,89 @@ def _generate(params, cfg, prompts, *, max_new_tokens, press, sampling, eos_toke
       positions=np.asarray(info["positions"]) if return_positions else None,
       notes=notes,
       answers=answers,
-      final_logits=np.asarray(logits) if rounds is None else None,
+      final_logits=final_logits,
       compile_s=compile_s + stats["compile_s"],
       press=press,
   )
+
+
+# ---- compressed contexts: compress once, answer questions later (or in another process) ----------------
+
+
+@dataclasses.dataclass
+class CompressedContext:
+  """Prompts prefilled and compressed without any question (question-agnostic), ready for questions.
+
+  cache: the kept entries (any layout; `answer_questions` lays them out with room for the questions);
+  positions: [L, B, H', C] kept prompt positions in storage order (-1 = none); meta: free-form notes
+  that travel with a saved context (e.g. how the CLI encoded the prompt)."""
+
+  cache: PagedKVCache
+  press: object
+  prompt_lens: list[int]
+  positions: np.ndarray
+  retained_mass: np.ndarray | None = None
+  prefill_s: float = 0.0
+  meta: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def page_size(self) -> int:
+    return self.cache.page_size
+
+
+def compress_context(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, press, seed: int = 0,
+                     page_size: int = DEFAULT_PAGE_SIZE) -> CompressedContext:
+  """The prefill and compression of `generate(..., questions=...)` alone (same seed, same kept entries),
+  with no room reserved: save it (checkpoints.save_context) or answer with `answer_questions`."""
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise PromptError("empty prompt: every prompt needs at least one token")
+  check_token_ids(prompts, cfg.vocab_size)
+  lens = [len(p) for p in prompts]
+  _check_context_length(cfg, lens, 0, 0)
+  _, pkey = jax.random.split(jax.random.PRNGKey(seed))
+  _, cache, info, prefill_s, _ = _prefill(params, cfg, prompts, press=press, room=0, key=pkey,
+                                          page_size=page_size, mesh=None, trim=True)
+  return CompressedContext(cache=cache, press=press, prompt_lens=lens,
+                           positions=np.asarray(info["positions"]),
+                           retained_mass=np.asarray(info["retained_mass"]) if press is not None else None,
+                           prefill_s=prefill_s)
+
+
+def answer_questions(params, cfg: ModelConfig, context: CompressedContext, questions, *,
+                     max_new_tokens: int = 64, sampling: Sampling = Sampling(),
+                     eos_token_ids: Sequence[int] | None = None, backend: str = "auto",
+                     seed: int = 0) -> GenerationResult:
+  """Each question against the compressed context, as `generate(..., questions=...)` answers it: the
+  context is laid out as that run's cache (room for the longest question and the new tokens), so with
+  the same press, seed and questions the answers are the same. prefill_s is the context's."""
+  max_new_tokens = _check_count("max_new_tokens", max_new_tokens, 1)
+  if not isinstance(sampling, Sampling):
+    raise TypeError(f"sampling must be a Sampling, got {type(sampling).__name__}")
+  lens = list(context.prompt_lens)
+  rounds = _question_rounds(questions, len(lens))
+  if rounds is None:
+    raise PromptError("answer_questions needs at least one question")
+  for r in rounds:
+    check_token_ids(r, cfg.vocab_size, what="question")
+  q_max = max(len(q) for r in rounds for q in r)
+  _check_context_length(cfg, lens, q_max, max_new_tokens)
+  press, room, page_size = context.press, q_max + max_new_tokens, context.page_size
+  heads = context.cache.num_heads
+  plan = plan_cache(cfg.num_layers, heads, lens, room=room, press=press, page_size=page_size)
+  cache = with_room(context.cache, room, max_pages=plan.max_pages)
+  kept_bytes, pages_used = cache.kept_bytes(), cache.pages_used()
+  stats = {"decode_s": 0.0, "tokens": 0, "compile_s": 0.0}
+  run = functools.partial(_decode, params, cfg=cfg, sampling=sampling, eos=_eos_ids(cfg, eos_token_ids),
+                          backend=backend, max_new_tokens=max_new_tokens, stats=stats, progress=False,
+                          stream_every=max_new_tokens)
+  key, _ = jax.random.split(jax.random.PRNGKey(seed))  # the key generate has left after its prefill
+  answers, cache = _answer_rounds(run, params, cfg, cache, rounds, key, sampling=sampling, backend=backend,
+                                  stats=stats)
+  info = {"budgets": np.asarray(context.cache.lengths), "retained_mass": context.retained_mass,
+          "positions": context.positions}
+  return _result(cfg, cache, answers[0], answers, lens=lens, room=room, page_size=page_size,
+                 kept_bytes=kept_bytes, pages_used=pages_used, prefill_s=context.prefill_s, compile_s=0.0,
+                 stats=stats, info=info, press=press, notes=[], return_positions=True, final_logits=None)
 
 
 def _decode(params, first_B, cache, key, *, cfg, sampling, eos, backend, max_new_tokens, stats, progress,
@@ -390,10 +498,10 @@ def _decode(params, first_B, cache, key, *, cfg, sampling, eos, backend, max_new
   bar = tqdm(total=max_new_tokens, desc="decode", unit="tok", disable=not progress, leave=False)
   shown = np.ones(first_B.shape[0], np.int64)
   if on_tokens is not None:
-    on_tokens([[int(t)] for t in np.asarray(first_B)])
+    on_tokens([[int(t)] for t in sharding.to_host(first_B)])
   bar.update(1)
   while True:
-    done, count = jax.device_get((state.done_B, state.count_B))
+    done, count = sharding.to_host((state.done_B, state.count_B))
     if done.all():
       break
     with _stopwatch() as clock:
@@ -402,17 +510,18 @@ def _decode(params, first_B, cache, key, *, cfg, sampling, eos, backend, max_new
       jax.block_until_ready(state.count_B)
     stats["decode_s"] += clock["run_s"]
     stats["compile_s"] += clock["compile_s"]
-    new_count = np.asarray(state.count_B)
+    new_count = sharding.to_host(state.count_B)
     stats["tokens"] += int(np.sum(new_count - count))
     bar.update(int(new_count.max() - count.max()))
     if on_tokens is not None:
-      toks = np.asarray(state.tokens_BS)
+      toks = sharding.to_host(state.tokens_BS)
       on_tokens([toks[i, shown[i]:new_count[i]].tolist() for i in range(len(new_count))])
       shown = new_count.copy()
   bar.close()
-  toks, count = np.asarray(state.tokens_BS), np.asarray(state.count_B)
+  toks, count = sharding.to_host((state.tokens_BS, state.count_B))
   return [toks[i, :count[i]].tolist() for i in range(len(count))], state.cache
 
 
-__all__ = ["generate", "decode_step", "decode_loop", "start_decode", "DecodeState", "sample", "Sampling",
+__all__ = ["generate", "compress_context", "answer_questions", "CompressedContext", "decode_step",
+           "decode_loop", "start_decode", "DecodeState", "sample", "Sampling",
            "GenerationResult", "PromptError", "CacheCapacityError", "full_cache_bytes", "check_token_ids"]

@@ -26,14 +26,12 @@ from jax import lax
 from flax import struct
 
 from adakv_jax import sharding
+from adakv_jax import layer_cache
 from adakv_jax.attention import causal_prefill_attention
-from adakv_jax import press as press_lib
-from adakv_jax.cache import CachePlan, PagedKVCache, capacity_error, kept_positions, write_new_entries
-from adakv_jax.cache import write_prompt_pages
+from adakv_jax.cache import CachePlan, PagedKVCache, capacity_error
 from adakv_jax.config import ModelConfig, rope_frequencies
 from adakv_jax.params import init_params, param_dtype  # noqa: F401  (init_params: part of this API)
-from pallas_kernels import backend as backend_lib
-from pallas_kernels.paged_attention import paged_attention
+from adakv_jax.layer_cache import window_queries  # noqa: F401  (part of this API)
 
 Params = dict[str, Any]
 
@@ -93,13 +91,6 @@ def prompt_chunk(max_len: int) -> int:
 def padded_length(max_len: int) -> int:
   chunk = prompt_chunk(max_len)
   return -(-max_len // chunk) * chunk
-
-
-def window_queries(q_BHLD, len_B, window: int):
-  """The last `window` queries of each right-padded prompt (slots before position 0 are clipped; the
-  press masks them by position)."""
-  idx_BW = jnp.clip(len_B[:, None] - window + jnp.arange(window)[None, :], 0, q_BHLD.shape[2] - 1)
-  return jnp.take_along_axis(q_BHLD, idx_BW[:, None, :, None], axis=2)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "chunk"))
@@ -200,23 +191,14 @@ def layer_pages(cfg: ModelConfig, press, plan: CachePlan, out: LayerOutputs, len
   them), page_table, num_pages, lengths, positions and the press's info, local to the owning shard.
   """
   pool_pages = max(plan.pages_per_shard(l) for l in range(plan.num_layers))
-  width = plan.max_pages * plan.page_size
 
   def local(q_win, k, v, colsum, len_B, units_B):
-    b, kh, n, _ = k.shape
-    if press is None:
-      live_BL = jnp.arange(n, dtype=jnp.int32)[None, :] < len_B[:, None]
-      keep, info = jnp.broadcast_to(live_BL[:, None, :], (b, kh, n)), {}
-    else:
-      keep, info = press_lib.select(press, q_win, k, len_B, units_B, page_size=plan.page_size,
-                                    colsum_BHL=colsum if press.needs_colsum else None, rng=rng,
-                                    groups=press.head_groups // plan.shards[1])
-    positions, kept = kept_positions(keep, width)
-    k_p, v_p, table, num_pages = write_prompt_pages(
-        k, v, positions, kept, pool_pages=pool_pages, page_size=plan.page_size, max_pages=plan.max_pages,
-        room=plan.room)
-    return dict(k_pages=k_p, v_pages=v_p, page_table=table, num_pages=num_pages, lengths=kept,
-                positions=positions, info=info)
+    groups = None if press is None else press.head_groups // plan.shards[1]
+    cache, positions, info = layer_cache.select_and_write(
+        press, q_win, k, v, colsum, len_B, units_B, rng, pool_pages=pool_pages, page_size=plan.page_size,
+        max_pages=plan.max_pages, room=plan.room, groups=groups)
+    return dict(k_pages=cache.k_pages, v_pages=cache.v_pages, page_table=cache.page_table,
+                num_pages=cache.num_pages, lengths=cache.lengths, positions=positions, info=info)
 
   info_axes = {} if press is None else {"budgets": ("batch", "kv_heads"), "retained_mass": ("batch",)}
   fn = sharding.per_shard(
@@ -348,10 +330,10 @@ def _append_layers(params, tokens_BT, n_valid_B, cache: PagedKVCache, cfg: Model
   x = params["embed"][tokens_BT].astype(param_dtype(cfg))
   attend = functools.partial(_write_and_attend, backend=backend)
   attend = sharding.per_shard(
-      attend, in_axes=(("batch", "kv_heads", None, None, None), ("pages", None, None), ("pages", None, None),
-                       ("batch", "kv_heads", None), ("batch", "kv_heads"), ("batch", "kv_heads", None, None),
-                       ("batch", "kv_heads", None, None), ("batch",)),
-      out_axes=(("batch", "kv_heads", None, None, None), ("pages", None, None), ("pages", None, None)))
+      attend, in_axes=(("batch", "heads", None, None), ("pages", None, None), ("pages", None, None),
+                       ("batch", "kv_heads", None), ("batch", "kv_heads"), ("batch", "kv_heads"),
+                       ("batch", "kv_heads", None, None), ("batch", "kv_heads", None, None), ("batch",)),
+      out_axes=(("batch", "heads", None, None), ("pages", None, None), ("pages", None, None)))
   k_pages, v_pages = list(cache.k_pages), list(cache.v_pages)
   for i in range(cfg.num_layers):
     lp = jax.tree.map(lambda a: a[i], params["layers"])
@@ -359,20 +341,20 @@ def _append_layers(params, tokens_BT, n_valid_B, cache: PagedKVCache, cfg: Model
     if hc != cfg.num_kv_heads:  # query-head granularity: one cache head per query head
       k = jnp.repeat(k, hc // cfg.num_kv_heads, axis=1)
       v = jnp.repeat(v, hc // cfg.num_kv_heads, axis=1)
-    q_BKGTD = q.reshape(b, hc, cfg.num_heads // hc, t, cfg.head_dim)
-    o, k_pages[i], v_pages[i] = attend(q_BKGTD, k_pages[i], v_pages[i], cache.page_table[i],
+    o, k_pages[i], v_pages[i] = attend(q, k_pages[i], v_pages[i], cache.page_table[i], cache.num_pages[i],
                                        cache.lengths[i], k, v, n_valid_B)
-    x = attention_output_and_mlp(lp, x, o.reshape(b, cfg.num_heads, t, cfg.head_dim), cfg)
+    x = attention_output_and_mlp(lp, x, o, cfg)
   new = cache.replace(k_pages=tuple(k_pages), v_pages=tuple(v_pages),
                       lengths=cache.lengths + n_valid_B[None, :, None].astype(jnp.int32),
                       pos=cache.pos + n_valid_B.astype(jnp.int32))
   return x, new
 
 
-def _write_and_attend(q_BKGTD, k_pages, v_pages, table_BKM, len_BK, k_BKTD, v_BKTD, n_valid_B, *, backend):
+def _write_and_attend(q_BHTD, k_pages, v_pages, table_BKM, num_pages_BK, len_BK, k_BKTD, v_BKTD, n_valid_B,
+                      *, backend):
   """One layer of a shard: write the T new entries, then attend over each head's live entries."""
-  k_pages, v_pages = write_new_entries(k_pages, v_pages, table_BKM, len_BK, k_BKTD, v_BKTD, n_valid_B)
-  t = q_BKGTD.shape[3]
-  # fresh pages are zeros and only model outputs are written: dead entries are finite
-  o = paged_attention(q_BKGTD, k_pages, v_pages, table_BKM, len_BK + t, backend=backend, finite_dead=True)
-  return o, k_pages, v_pages
+  cache = layer_cache.LayerCache(k_pages=k_pages, v_pages=v_pages, page_table=table_BKM,
+                                 num_pages=num_pages_BK, lengths=len_BK)
+  cache = layer_cache.append_kv(cache, k_BKTD, v_BKTD, n_valid_B)
+  o = layer_cache.attend(cache, q_BHTD, n_valid_B, backend=backend)
+  return o, cache.k_pages, cache.v_pages

@@ -106,6 +106,20 @@ def mesh_shards() -> tuple[int, int]:
   return mesh.shape.get("data", 1), mesh.shape.get("model", 1)
 
 
+def to_host(tree):
+  """Every leaf as a numpy array on this host, whole: arrays that span other processes' devices (a
+  multi-host mesh) are all-gathered, which every process must then call in step."""
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+  return jax.tree.map(get, tree)
+
+
 def per_shard(fn, *, in_axes, out_axes):
   """Runs `fn` once per mesh shard (jax.shard_map) when traced under a mesh; else returns it.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from adakv_jax.checkpoints.contexts import ContextMismatchError, load_context, save_context
 from adakv_jax.checkpoints.errors import CheckpointError, ConfigError
 from adakv_jax.checkpoints.gguf import load_gguf
 from adakv_jax.checkpoints.hf import load_hf_checkpoint
@@ -61,7 +62,8 @@ def _cast(cfg, params, dtype):
 
 
 __all__ = [
-    "ChatTemplateError", "CheckpointError", "ConfigError", "SaveTargetError", "Tokenizer", "check_params",
+    "ChatTemplateError", "CheckpointError", "ConfigError", "ContextMismatchError", "load_context",
+    "save_context", "SaveTargetError", "Tokenizer", "check_params",
     "check_save_target", "load_converted", "load_gguf", "load_hf_checkpoint", "load_model", "resolve_model",
     "save_converted",
 ]

@@ -70,6 +70,13 @@ def check_save_target(path: str | os.PathLike, overwrite: bool = False) -> None:
   """Raises SaveTargetError unless `path` is absent, an empty dir, or (with overwrite) a converted model.
 
   Callers with slow work before the save (loading the source model) check first, to fail in seconds."""
+  check_target(path, overwrite, marker=MARKER, entries=OUR_ENTRIES, kind="a converted adakv-jax model",
+               short="a converted model")
+
+
+def check_target(path, overwrite: bool, *, marker: str, entries: frozenset, kind: str, short: str) -> None:
+  """check_save_target for any save written by `write_and_swap`: `marker` names its kind, `entries` the
+  top-level names it writes."""
   path = Path(path).absolute()
   if not path.exists():
     return
@@ -78,18 +85,18 @@ def check_save_target(path: str | os.PathLike, overwrite: bool = False) -> None:
   names = [e.name + ("/" if e.is_dir() else "") for e in sorted(path.iterdir())]
   if not names:
     return
-  if not is_converted_dir(path):
+  if not (path / marker).is_file():
     raise SaveTargetError(
-        f"{str(path)!r} is not empty and is not a converted adakv-jax model (it holds {_some(names)}); "
-        f"refusing to replace it, even with {{option}}, which only replaces a converted model or an empty "
+        f"{str(path)!r} is not empty and is not {kind} (it holds {_some(names)}); "
+        f"refusing to replace it, even with {{option}}, which only replaces {short} or an empty "
         "directory")
-  foreign = [n for n in names if n.rstrip("/") not in OUR_ENTRIES]
+  foreign = [n for n in names if n.rstrip("/") not in entries]
   if foreign:
     raise SaveTargetError(
-        f"{str(path)!r} is a converted model but also holds {_some(foreign)}; refusing to replace it, "
+        f"{str(path)!r} is {short} but also holds {_some(foreign)}; refusing to replace it, "
         "even with {option}, until those are moved out")
   if not overwrite:
-    raise SaveTargetError(f"{str(path)!r} exists and is not empty (a converted model); "
+    raise SaveTargetError(f"{str(path)!r} exists and is not empty ({short}); "
                           "pass {option} to replace it")
 
 
@@ -101,10 +108,16 @@ def save_converted(path: str | os.PathLike, cfg: ModelConfig, params, tokenizer=
   nothing else; the new save is complete on disk before the old one is removed."""
   path = Path(path).absolute()
   check_save_target(path, overwrite)
+  return write_and_swap(path, lambda staging: _write_save(staging, cfg, params, tokenizer))
+
+
+def write_and_swap(path: Path, write) -> Path:
+  """write(staging_dir) fills a fresh dir beside `path` (its marker last), which then replaces `path`:
+  an interrupted save leaves `path` as it was and no staging dir behind."""
   path.parent.mkdir(parents=True, exist_ok=True)
   staging = _fresh_sibling(path, "partial")
   try:
-    _write_save(staging, cfg, params, tokenizer)
+    write(staging)
     _swap_into_place(staging, path)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
@@ -120,9 +133,13 @@ def _write_save(out: Path, cfg: ModelConfig, params, tokenizer) -> None:
     ckpt.wait_until_finished()
   if tokenizer is not None:
     tokenizer.save(out)
+  write_marker(out, MARKER, {"format": FORMAT, "config": config_to_dict(cfg)})
+
+
+def write_marker(out: Path, marker: str, meta: dict) -> None:
+  """The marker, written last: `meta` and the name, size and crc32 of every file written before it."""
   files = {rel: _file_record(out / rel) for rel in _relative_files(out)}
-  marker = {"format": FORMAT, "config": config_to_dict(cfg), "files": files}
-  (out / MARKER).write_text(json.dumps(marker, indent=2))
+  (out / marker).write_text(json.dumps({**meta, "files": files}, indent=2))
 
 
 def _swap_into_place(staging: Path, path: Path) -> None:
@@ -204,28 +221,33 @@ def _damaged(path: Path, what: str) -> CheckpointError:
                          "convert the model again")
 
 
-def _check_files_present(path: Path, files: dict) -> None:
+def _check_files_present(path: Path, files: dict, damaged=_damaged) -> None:
   """Every file the save wrote is there with its size: names a deleted, truncated or extended file."""
   missing = [rel for rel in files if not (path / rel).is_file()]
   if missing:
-    raise _damaged(path, f"missing {_some(missing)} ({len(missing)} of {len(files)} files)")
+    raise damaged(path, f"missing {_some(missing)} ({len(missing)} of {len(files)} files)")
   resized = [f"{rel} is {(path / rel).stat().st_size} bytes, expected {rec['bytes']}"
              for rel, rec in files.items() if (path / rel).stat().st_size != rec["bytes"]]
   if resized:
-    raise _damaged(path, _some(resized))
+    raise damaged(path, _some(resized))
 
 
 def _restore_params(path: Path, files: dict | None):
+  return restore_tree(path, "params", files)
+
+
+def restore_tree(path: Path, name: str, files: dict | None, damaged=_damaged):
+  """The orbax tree under path/name; a failure names the files whose crc32 changed since the save."""
   import orbax.checkpoint as ocp
 
   try:
     with _event_loops_drained_on_close(), contextlib.closing(ocp.StandardCheckpointer()) as ckpt:
-      return ckpt.restore(path / "params")
+      return ckpt.restore(path / name)
   except Exception as e:  # orbax raises a variety of errors for missing or damaged trees
     changed = [rel for rel, rec in (files or {}).items() if _crc32(path / rel) != rec["crc32"]]
     if changed:
-      raise _damaged(path, f"{_some(changed)} changed since the save (crc32 differs)") from None
-    raise _damaged(path, f"cannot restore params/: {_root_cause(e)}") from None
+      raise damaged(path, f"{_some(changed)} changed since the save (crc32 differs)") from None
+    raise damaged(path, f"cannot restore {name}/: {_root_cause(e)}") from None
 
 
 def _root_cause(e: BaseException) -> str:
