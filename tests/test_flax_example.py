@@ -16,7 +16,7 @@ from adakv_jax import layer_cache as lc
 from adakv_jax import model as model_lib
 from adakv_jax.params import init_params
 from adakv_jax.press import make_press
-from tests.helpers import random_prompts, tiny_config
+from adakv_jax.testing import random_prompts, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

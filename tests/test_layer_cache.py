@@ -9,7 +9,7 @@ from adakv_jax import layer_cache as lc
 from adakv_jax import model as model_lib
 from adakv_jax.cache import CacheCapacityError
 from adakv_jax.press import make_press
-from tests.helpers import random_prompts, tiny_model
+from adakv_jax.testing import random_prompts, tiny_model
 
 
 compress = jax.jit(lc.compress_prompt, static_argnums=0, static_argnames=("plan", "layer"))

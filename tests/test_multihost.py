@@ -12,7 +12,7 @@ import pytest
 
 from adakv_jax import generation as gen
 from adakv_jax.press import make_press
-from tests.helpers import random_prompts, tiny_model
+from adakv_jax.testing import random_prompts, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 150
@@ -29,7 +29,7 @@ assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device
 print("READY", flush=True)
 from adakv_jax import generation as gen, sharding
 from adakv_jax.press import Press
-from tests.helpers import tiny_model
+from adakv_jax.testing import tiny_model
 cfg, params = tiny_model(num_kv_heads=2, num_heads=4, num_layers=2)
 prompts, press = json.loads(sys.argv[3]), Press(**json.loads(sys.argv[4]))
 mesh = sharding.make_mesh(data=4, model=2)

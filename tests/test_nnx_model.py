@@ -11,7 +11,7 @@ from adakv_jax import model as model_lib
 from adakv_jax.cache import plan_cache
 from adakv_jax.nnx_model import LlamaNNX
 from adakv_jax.press import make_press
-from tests.helpers import random_prompts, tiny_model
+from adakv_jax.testing import random_prompts, tiny_model
 
 
 def test_every_tensor_of_the_params_pytree_is_one_nnx_param():

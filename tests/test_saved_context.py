@@ -20,7 +20,7 @@ from adakv_jax.checkpoints import contexts
 from adakv_jax.cli import main
 from adakv_jax.params import init_params
 from adakv_jax.press import make_press
-from tests.helpers import random_prompts, tiny_config
+from adakv_jax.testing import random_prompts, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESS = make_press("ada-snapkv", budget=64, window=8)
@@ -52,7 +52,7 @@ import json, sys, jax
 from adakv_jax import generation as gen
 from adakv_jax.checkpoints import contexts
 from adakv_jax.params import init_params
-from tests.helpers import tiny_config
+from adakv_jax.testing import tiny_config
 cfg = tiny_config(head_dim=32)
 params = init_params(cfg, jax.random.PRNGKey(0), scale=0.3)
 ctx = contexts.load_context(sys.argv[1], cfg=cfg, params=params)
