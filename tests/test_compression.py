@@ -40,7 +40,7 @@ def _masked_decode_reference(params, cfg, k_LBKC, v_LBKC, keep_LBKC, pos_B, toke
 def test_compressed_decode_equals_masked_dense_attention(name, extra):
   cfg, params = tiny_model()
   lens = [60, 41]
-  toks = jnp.asarray(gen._pad_batch(random_prompts(lens), 64))
+  toks = jnp.asarray([p + [0] * (64 - len(p)) for p in random_prompts(lens)])
   len_B = jnp.asarray(lens)
   press = make_press(name, **{"budget": 24, "window": 8, "backend": "xla", **extra})
   plan = plan_cache(cfg.num_layers, cfg.num_kv_heads, lens, room=1, press=press, page_size=8)
@@ -113,7 +113,7 @@ def test_question_agnostic_answers_equal_fresh_runs():
   res = gen.generate(params, cfg, context, max_new_tokens=6, press=press, questions=[q1, q2], backend="xla")
   for q, ans in zip((q1, q2), res.answers):
     # a fresh run: compress the same context, append this one question, decode greedily
-    toks = jnp.asarray(gen._pad_batch(context, 128))
+    toks = jnp.asarray([p + [0] * (128 - len(p)) for p in context])
     plan = plan_cache(cfg.num_layers, cfg.num_kv_heads, [90], room=len(q) + 6, press=press)
     _, cache, _ = model_lib.prefill(params, toks, jnp.asarray([90]), jax.random.split(jax.random.PRNGKey(0))[1],
                                     cfg=cfg, press=press, plan=plan, chunk=128)
