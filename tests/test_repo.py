@@ -34,8 +34,7 @@ AWAITING_PUBLIC_NAMES = {
     ("tests/test_params.py", "adakv_jax.checkpoints.gguf._BLOCK_NAMES"),
     ("tests/test_params.py", "adakv_jax.checkpoints.gguf._GLOBAL_NAMES"),
 }
-# experiments/device_check.py runs as a plain script on a device machine without the package installed;
-# it is owned by the device check and is to run as `python -m experiments.device_check` instead.
+# Owned by the device check, which also runs it on a device machine where the package is not installed.
 SYS_PATH_EXEMPT = {"experiments/device_check.py"}
 
 
@@ -71,8 +70,12 @@ def _library_private_names(tree) -> set[str]:
       for a in node.names:
         if a.name.split(".")[0] == LIBRARY:
           modules[a.asname or LIBRARY] = a.name if a.asname else LIBRARY
+          if any(_private(part) for part in a.name.split(".")):
+            found.add(a.name)
     elif isinstance(node, ast.ImportFrom) and node.level == 0 \
         and (node.module or "").split(".")[0] == LIBRARY:
+      if any(_private(part) for part in node.module.split(".")):
+        found.add(node.module)
       for a in node.names:
         if _private(a.name):
           found.add(f"{node.module}.{a.name}")
@@ -119,6 +122,8 @@ def test_the_private_name_check_sees_every_way_of_reaching_one():
 
   code = """
 import adakv_jax.model
+import adakv_jax._hidden
+from adakv_jax._hidden import thing
 from adakv_jax import model as model_lib, generation
 from adakv_jax.checkpoints import gguf
 from adakv_jax.generation import _pad_batch, generate
@@ -131,7 +136,7 @@ d = model_lib.__name__
 """
   assert _library_private_names(ast.parse(code)) == {
       "adakv_jax.model._qkv", "adakv_jax.model._out_and_mlp", "adakv_jax.generation._pad_batch",
-      "adakv_jax.checkpoints.gguf._reader_class", "adakv_jax.cli._read_prompt_file"}
+      "adakv_jax.checkpoints.gguf._reader_class", "adakv_jax.cli._read_prompt_file", "adakv_jax._hidden"}
 
 
 def test_experiments_are_a_package_that_never_edits_sys_path():
