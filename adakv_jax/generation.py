@@ -195,10 +195,15 @@ class GenerationResult:
     return self.cache_bytes / max(self.kept_bytes + self.decode_room_bytes, 1)
 
 
-def _pad_batch(prompts: Sequence[Sequence[int]], length: int) -> np.ndarray:
-  out = np.zeros((len(prompts), length), np.int32)
-  for i, p in enumerate(prompts):
-    out[i, :len(p)] = p
+def pad_rows(rows: Sequence[Sequence[int]], width: int | None = None) -> np.ndarray:
+  """Right-padded int32 token rows [len(rows), width] (width: the longest row by default); the padding
+  is never read, since every consumer follows the rows' lengths."""
+  width = max(len(r) for r in rows) if width is None else width
+  if any(len(r) > width for r in rows):
+    raise ValueError(f"a row of {max(len(r) for r in rows)} tokens does not fit width {width}")
+  out = np.zeros((len(rows), width), np.int32)
+  for i, r in enumerate(rows):
+    out[i, :len(r)] = r
   return out
 
 
@@ -314,7 +319,7 @@ def _prefill(params, cfg, prompts, *, press, room, key, page_size, mesh, trim):
   heads = press.cache_heads(cfg.num_heads, cfg.num_kv_heads) if press is not None else cfg.num_kv_heads
   shards = sharding.mesh_shards()
   plan = plan_cache(cfg.num_layers, heads, lens, room=room, press=press, page_size=page_size, shards=shards)
-  tokens = jnp.asarray(_pad_batch(prompts, padded))
+  tokens = jnp.asarray(pad_rows(prompts, padded))
   len_B = jnp.asarray(lens, jnp.int32)
   if mesh is not None:
     tokens = jax.device_put(tokens, sharding.batch_sharding(mesh, 2))
@@ -337,7 +342,7 @@ def _answer_rounds(run, params, cfg, cache: PagedKVCache, rounds, key, *, sampli
   for qs in rounds:
     cache = cache.rollback(saved_len, saved_pos)
     t = max(len(q) for q in qs)
-    q_BT = jnp.asarray(_pad_batch(qs, t))
+    q_BT = jnp.asarray(pad_rows(qs, t))
     with _stopwatch() as qclock:
       logits, cache = model_lib.append(params, q_BT, jnp.asarray([len(q) for q in qs], jnp.int32), cache,
                                        cfg=cfg, backend=backend)

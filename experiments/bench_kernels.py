@@ -15,8 +15,8 @@ On a GPU or TPU the kernels compile natively. On CPU the Pallas kernels run in t
 timings are recorded with `meaningful: false` and say nothing about performance (--quick is a
 rehearsal of the script). The XLA crossover is meaningful on CPU, where that path runs in production.
 
-    python experiments/bench_kernels.py           # accelerator sizes: bf16, 8 x 8 heads x 16K entries
-    python experiments/bench_kernels.py --quick   # CPU rehearsal, under a minute on 2 cores
+    python -m experiments.bench_kernels           # accelerator sizes: bf16, 8 x 8 heads x 16K entries
+    python -m experiments.bench_kernels --quick   # CPU rehearsal, under a minute on 2 cores
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ import functools
 import platform
 import time
 
-import common
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from experiments import common
 from pallas_kernels import backend as backend_lib
 from pallas_kernels import paged_attention as pa
 from pallas_kernels.cross_head_topk import cross_head_topk

@@ -14,9 +14,9 @@ from other jobs hits them alike; each call records wall time (perf_counter) and 
 (process_time: every thread of this process, so XLA's and torch's pools alike). The ratio ours/theirs
 is paired by repetition (adjacent calls), with a bootstrap 95% interval of its median.
 
-    python experiments/bench_prefill.py            # 1K, 4K, 8K tokens, N=5: ~30 min on 2 shared cores
-    python experiments/bench_prefill.py --quick    # 1K tokens, N=3: ~1-2 min
-    python experiments/bench_prefill.py --replot
+    python -m experiments.bench_prefill            # 1K, 4K, 8K tokens, N=5: ~30 min on 2 shared cores
+    python -m experiments.bench_prefill --quick    # 1K tokens, N=3: ~1-2 min
+    python -m experiments.bench_prefill --replot
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import argparse  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
 
-import common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -37,7 +36,8 @@ import numpy as np  # noqa: E402
 from adakv_jax import model as model_lib  # noqa: E402
 from adakv_jax.cache import plan_cache  # noqa: E402
 from adakv_jax.checkpoints import resolve_model  # noqa: E402
-from adakv_jax.press import make_press  # noqa: E402
+from adakv_jax.press import make_press, press_label  # noqa: E402
+from experiments import common  # noqa: E402
 
 TORCH_THREADS = 2
 
@@ -142,7 +142,7 @@ def paired_ratio(ours, theirs, rng) -> dict:
 def bench_length(params, cfg, theirs, ids, press, reps, rng) -> dict:
   load_before = os.getloadavg()
   cells, compile_info, settings = {}, {}, {}
-  for name, p in (("ours-full", None), (f"ours-{common.press_label(press)}", press)):
+  for name, p in (("ours-full", None), (f"ours-{press_label(press)}", press)):
     call, c, settings[name] = ours_call(params, cfg, ids, p)
     cells[name] = call
     compile_info[name] = {"wall_s": round(c.wall_s, 3), "cpu_s": round(c.cpu_s, 3)}

@@ -2,10 +2,11 @@
 
 Runs the library's `generate` (question-aware chat prompt, one new token) with ada-snapkv and snapkv at
 budget 128, at KV-head granularity (3 heads per layer) and query-head granularity (9 heads per layer), and
-records each head's kept entries (window included) and the retained attention mass per layer.
+records each head's kept entries (window included), the retained attention mass per layer, and the
+cache's memory as generate reports it (allocated, kept, decode room, pages).
 
-    python experiments/budget_map.py           # ~1-1.5 min on 2 shared CPU cores
-    python experiments/budget_map.py --quick
+    python -m experiments.budget_map           # ~1-1.5 min on 2 shared CPU cores
+    python -m experiments.budget_map --quick
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ from __future__ import annotations
 import argparse
 from fractions import Fraction
 
-import common
 import numpy as np
 from tqdm import tqdm
 
 from adakv_jax.generation import generate
-from adakv_jax.press import make_press
+from experiments import common
 
 QUESTION = "Summarise the text above in one sentence."
 
@@ -29,34 +29,47 @@ def parse_args():
   p.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON")
   p.add_argument("--ctx-tokens", type=int, default=1990, help="context tokens (the prompt fits 2048)")
   p.add_argument("--budget", type=int, default=128)
+  common.add_press_args(p)
   a = p.parse_args()
   if a.quick:
     a.ctx_tokens, a.budget = 300, 64
   return a
 
 
-def run(params, cfg, prompt, pname, gqa, budget):
-  press = make_press(pname, budget=budget, gqa=gqa)
-  res = generate(params, cfg, [prompt], max_new_tokens=1, press=press, backend=common.BACKEND)
+def floors(press, num_layers: int, prompt_len: int, page_size: int) -> np.ndarray | None:
+  """Each layer's safeguard floor per head in entries, window included (token-granular Ada only)."""
+  if press.allocation != "adaptive" or press.granularity != "token":
+    return None
+  units = np.asarray(press.layer_units(num_layers, [prompt_len], page_size))[:, 0]
+  alpha = Fraction(str(press.floor_alpha))
+  return np.asarray([int(u * alpha) for u in units]) + min(prompt_len, press.window)
+
+
+def run(params, cfg, prompt, pname, gqa, a):
+  press = common.build_press(pname, a, budget=a.budget, gqa=gqa)
+  res = generate(params, cfg, [prompt], max_new_tokens=1, press=press, backend=common.BACKEND,
+                 page_size=a.page_size)
   b = res.budgets[:, 0, :]  # [layers, heads], window included
-  w, bp = press.window, press.budget - press.window
-  ada = press.allocation == "adaptive"
-  floor = int(bp * Fraction(str(press.floor_alpha))) + w if ada else None
+  expect = common.expected_layer_totals(press, cfg.num_layers, b.shape[1], len(prompt), a.page_size)
+  floor = floors(press, cfg.num_layers, len(prompt), a.page_size)
   return {
-      "press": pname, "gqa": gqa, "budget": budget,
+      "press": pname, "gqa": gqa, "budget": a.budget, "granularity": press.granularity,
       "budgets": b.tolist(),
       "layer_totals": b.sum(-1).tolist(),
-      "expected_layer_total": int(b.shape[1] * budget),  # H' x (B - w) selected + H' x w window
-      "totals_exact": bool(np.all(b.sum(-1) == b.shape[1] * budget)),
+      "expected_layer_totals": expect.tolist(),  # H' x (B' + w) (+ the page tail at page granularity)
+      "totals_exact": bool(np.array_equal(b.sum(-1), expect)),
       "min_head_budget": int(b.min()), "max_head_budget": int(b.max()),
-      "floor": floor,
-      "cap": press.head_cap(cfg.num_layers, len(prompt)) + w,
-      "heads_at_floor": int((b == floor).sum()) if ada else None,
-      "heads_at_cap": int((b == press.head_cap(cfg.num_layers, len(prompt)) + w).sum()),
+      "floor": None if floor is None else int(floor.min()),
+      "heads_at_floor": None if floor is None else int((b == floor[:, None]).sum()),
       "budget_std_over_heads_mean": float(b.std(axis=1).mean()),
       "retained_mass": res.retained_mass[:, 0].tolist(),
       "retained_mass_mean": float(res.retained_mass.mean()),
-      "prefill_s_incl_compile": round(res.prefill_s, 2),  # first call: includes jit
+      "allocated_bytes": res.cache_bytes, "kept_bytes": res.kept_bytes,
+      "decode_room_bytes": res.decode_room_bytes, "full_cache_bytes": res.full_cache_bytes,
+      "padding_overhead": round(res.padding_overhead, 4), "page_size": res.page_size,
+      "pages_used": res.pages_used, "pages_allocated": res.pages_allocated,
+      "allocated_mib": res.cache_bytes / 2**20,
+      "prefill_s": round(res.prefill_s, 2), "compile_s": round(res.compile_s, 2),
   }
 
 
@@ -96,16 +109,17 @@ def main():
     return plot(d["runs"], name, d["meta"]["args"]["budget"], d["meta"]["prompt_tokens"])
   with common.Timer() as total:
     cfg, params, tok = common.load()
-    ctx, q = common.chat_parts(tok, common.context_text(tok, a.ctx_tokens, start=0), QUESTION)
+    ctx, (q,) = tok.encode_chat(common.context_text(tok, a.ctx_tokens, start=0), [QUESTION])
     prompt = ctx + q
     grid = [(p, g) for p in ("ada-snapkv", "snapkv") for g in ("kv", "query")]
-    runs = [run(params, cfg, prompt, p, g, a.budget) for p, g in tqdm(grid, desc="budget_map")]
+    runs = [run(params, cfg, prompt, p, g, a) for p, g in tqdm(grid, desc="budget_map")]
   payload = {"meta": common.run_meta(a, wall_s=round(total.s, 1), prompt_tokens=len(prompt), question=QUESTION),
              "runs": runs}
   common.write_json(name, payload)
   plot(runs, name, a.budget, len(prompt))
   common.print_table(runs, ["press", "gqa", "budget", "totals_exact", "min_head_budget", "max_head_budget",
-                            "floor", "cap", "heads_at_floor", "heads_at_cap", "retained_mass_mean", "prefill_s_incl_compile"])
+                            "floor", "heads_at_floor", "retained_mass_mean", "allocated_mib",
+                            "padding_overhead", "prefill_s", "compile_s"])
   print(f"total {total.s:.0f}s")
 
 

@@ -1,15 +1,16 @@
-"""Shared helpers for the experiment scripts: model, text, prompts, capture-and-compress, output.
+"""Shared pieces of the experiment scripts: model, text, capture-once grids, decoding, output.
 
-Capture-and-compress. Prefill attention always sees the whole prompt (a press only rewrites each layer's
-cache after that layer's attention), so the hidden states, window queries and full K/V of every layer do
-not depend on the press. `capture` runs the prefill layer loop once and keeps those per-layer tensors;
-`compress` then applies the library's own `compress_layer` to them for any number of presses, exactly as
-`model.prefill` does inside its scan. This turns a grid of P presses from P prefills into one, and
-`verify_against_prefill` checks the equivalence against `model.prefill` on the real model.
+Capture once, compress for every press. Prefill attention never depends on the press (a press rewrites a
+layer's cache only after that layer's attention), so one `model.run_prefill` with a `CaptureTap` keeps every
+layer's window queries, K, V and column sums, and `model.cache_from_capture` turns that capture into the
+cache `model.prefill` returns for any press and plan (tests/test_model.py checks that they are equal). A grid
+of P presses costs one prefill instead of P. Decoding goes through the library's one loop
+(`generation.start_decode` / `decode_loop`), questions through `model.append`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import json
@@ -20,26 +21,24 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adakv_jax import model as model_lib
+from adakv_jax.cache import DEFAULT_PAGE_SIZE, CachePlan, plan_cache
+from adakv_jax.generation import Sampling, decode_loop, full_cache_bytes, pad_rows, sample, start_decode
+from adakv_jax.press import make_press
+
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # the scripts run from a checkout, installed or not
-  sys.path.insert(0, str(REPO))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
-
-from adakv_jax import model as model_lib  # noqa: E402
-from adakv_jax.cache import KVCache  # noqa: E402
-from adakv_jax.generation import Sampling, decode_step  # noqa: E402
-
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "smollm2-135m"
 DTYPE = "float32"
 BACKEND = "xla"
+GREEDY = Sampling()
 # Press defaults of the authors' evaluation (ADAKV_SPEC 3): reported with every result.
 PRESS_DEFAULTS = dict(window=32, kernel=7, pool="max", floor_alpha=0.2, floor_mode="reserve", gqa="kv",
-                      gqa_reduce="mean", head_cap_factor=2.0, pyramid_beta=20)
+                      gqa_reduce="mean", pyramid_beta=20)
 
 
 # ---- model -------------------------------------------------------------------------------------------
@@ -72,130 +71,138 @@ def context_text(tok, n_tokens: int, start: int = 0) -> str:
   return tok.decode(ids[:n_tokens]).strip()
 
 
-def chat_parts(tok, context: str, question: str) -> tuple[list[int], list[int]]:
-  """(context ids, question ids) with the chat template: the context ids open the user turn and the
-  question ids close it, so context + question is the question-aware prompt and the question can also be
-  appended to a compressed context (question-agnostic), as the CLI does."""
-  marker = "\u0000CTX\u0000"
-  head, tail = tok.apply_chat_template([{"role": "user", "content": marker}]).split(marker)
-  ctx = tok.encode(head + context, add_special_tokens=False)
-  q = tok.encode("\n\n" + question + tail, add_special_tokens=False)
-  return ctx, q
+# ---- presses -----------------------------------------------------------------------------------------
+
+def add_press_args(parser) -> None:
+  """--granularity and --page-size: how presses select (entries or whole pages) and the cache's page."""
+  parser.add_argument("--granularity", choices=("token", "page"), default="token",
+                      help="select single entries (the paper's method) or whole page-sized chunks")
+  parser.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE,
+                      help="entries per cache page (a power of two)")
+
+
+def build_press(name: str, args, **overrides):
+  """make_press(name) with the script's --granularity; "full" is None (the uncompressed cache)."""
+  if name == "full":
+    return None
+  return make_press(name, granularity=args.granularity, **overrides)
+
+
+def cache_heads(cfg, press) -> int:
+  return press.cache_heads(cfg.num_heads, cfg.num_kv_heads) if press is not None else cfg.num_kv_heads
+
+
+def expected_layer_totals(press, num_layers: int, heads: int, prompt_len: int, page_size: int) -> np.ndarray:
+  """Kept entries per layer that the budget rule prescribes (ADAKV_SPEC 3.4, 8): heads x (selected units +
+  window), where page granularity also keeps the prefix tokens past its last whole chunk."""
+  units = np.asarray(press.layer_units(num_layers, [prompt_len], page_size))[:, 0]
+  window = min(prompt_len, press.window)
+  if press.granularity == "page":
+    tail = max(prompt_len - press.window, 0) % page_size
+    return heads * (units * page_size + window + tail)
+  return heads * (units + window)
 
 
 # ---- capture and compress ----------------------------------------------------------------------------
 
 def pad_batch(prompts: list[list[int]]) -> tuple[jax.Array, jax.Array, int]:
-  """Right-padded tokens [B, L'] (L' a multiple of the prefill chunk), lengths [B], chunk."""
+  """Prompts as prefill takes them: tokens [B, L'] (L' a multiple of the chunk), lengths [B], chunk."""
   lens = [len(p) for p in prompts]
-  chunk = model_lib.prompt_chunk(max(lens))
-  padded = -(-max(lens) // chunk) * chunk
-  out = np.zeros((len(prompts), padded), np.int32)
-  for i, p in enumerate(prompts):
-    out[i, :len(p)] = p
-  return jnp.asarray(out), jnp.asarray(lens, jnp.int32), chunk
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "chunk", "window"))
-def capture(params, tokens_BL, len_B, *, cfg, chunk: int, window: int):
-  """model.prefill's layer loop without a press: (last-token logits [B, V], per-layer tensors).
-
-  Returns dict(q_win [N, B, H, W, D], k/v [N, B, K, L, D], colsum [N, B, H, L]) with N layers.
-  """
-  b, l = tokens_BL.shape
-  pos_BL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-  x = params["embed"][tokens_BL].astype(model_lib.dtype_of(cfg))
-
-  def layer(x, lp):
-    q, k, v = model_lib._qkv(lp, x, pos_BL, cfg)
-    o, colsum = model_lib.chunked_causal_attention(q, k, v, len_B, chunk=chunk, with_colsum=True)
-    x = model_lib._out_and_mlp(lp, x, o, cfg)
-    return x, dict(q_win=model_lib._window_queries(q, len_B, window), k=k, v=v, colsum=colsum)
-
-  x, per_layer = lax.scan(layer, x, params["layers"])
-  last_BE = jnp.take_along_axis(x, (len_B - 1)[:, None, None], axis=1)[:, 0]
-  return model_lib._logits(params, last_BE, cfg), per_layer
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "press", "capacity", "return_positions"))
-def compress(cap, len_B, rng, *, cfg, press, capacity: int, return_positions: bool = False):
-  """The compressed KVCache and info that model.prefill(press=press, capacity=capacity) would return."""
-  from adakv_jax.press import compress_layer
-
-  budgets_NB = press.layer_budgets(cfg.num_layers, len_B)
-
-  def layer(_, xs):
-    c, budget_B, i = xs
-    k_c, v_c, lengths, info = compress_layer(
-        press, cfg, q_win_BHWD=c["q_win"], k_BKLD=c["k"], v_BKLD=c["v"], prompt_len_B=len_B,
-        budget_B=budget_B, colsum_BHL=c["colsum"] if press.needs_colsum else None,
-        rng=jax.random.fold_in(rng, i), capacity=capacity, return_positions=return_positions)
-    return None, (k_c, v_c, lengths, info)
-
-  _, (k, v, lengths, info) = lax.scan(layer, None, (cap, budgets_NB, jnp.arange(cfg.num_layers)))
-  # a fresh pos buffer: append donates the cache and len_B must survive it (jit may forward an output
-  # that is an unchanged input)
-  return KVCache(k=k, v=v, lengths=lengths.astype(jnp.int32), pos=jnp.copy(len_B) + 0), info
-
-
-def full_cache(cap, len_B, capacity: int) -> KVCache:
-  """The uncompressed cache (what model.prefill(press=None) returns), padded to `capacity`."""
-  k, v = cap["k"], cap["v"]
-  n, b, kh, l, _ = k.shape
-  if capacity >= l:
-    pad = ((0, 0), (0, 0), (0, 0), (0, capacity - l), (0, 0))
-    k, v = jnp.pad(k, pad), jnp.pad(v, pad)
-  else:
-    k, v = k[:, :, :, :capacity], v[:, :, :, :capacity]
-  lengths = jnp.broadcast_to(len_B[None, :, None], (n, b, kh)).astype(jnp.int32)
-  # fresh buffers throughout: append donates the cache, and the capture and len_B must survive it
-  # (outside jit, astype to the same dtype and a zero pad return the very same array)
-  return KVCache(k=jnp.copy(k), v=jnp.copy(v), lengths=jnp.copy(lengths), pos=jnp.copy(len_B))
+  tokens = pad_rows(prompts, model_lib.padded_length(max(lens)))
+  return jnp.asarray(tokens), jnp.asarray(lens, jnp.int32), model_lib.prompt_chunk(max(lens))
 
 
 def prefill_key(seed: int = 0) -> jax.Array:
-  """The key generate() hands model.prefill (the random press draws from it)."""
+  """The key generate(seed=seed) hands prefill (the random press draws from it)."""
   return jax.random.split(jax.random.PRNGKey(seed))[1]
 
 
-def verify_against_prefill(params, cfg, tokens_BL, len_B, cap, press, capacity: int, chunk: int) -> dict:
-  """Runs model.prefill with `press` and compares its cache with compress(cap): kept sets and K/V."""
-  key = prefill_key()
-  _, ref, ref_info = model_lib.prefill(params, tokens_BL, len_B, key, cfg=cfg, press=press,
-                                       capacity=capacity, chunk=chunk, return_positions=True)
-  got, got_info = compress(cap, len_B, key, cfg=cfg, press=press, capacity=capacity, return_positions=True)
-  pos_ref, pos_got = np.asarray(ref_info["positions"]), np.asarray(got_info["positions"])
-  live = pos_ref >= 0
-  return {
-      "press": press_label(press),
-      "lengths_equal": bool(np.array_equal(np.asarray(ref.lengths), np.asarray(got.lengths))),
-      "kept_positions_equal_fraction": float(np.mean((pos_ref == pos_got)[live])),
-      "k_max_abs_diff": float(jnp.max(jnp.abs(ref.k - got.k))),
-      "retained_mass_max_abs_diff": float(np.max(np.abs(np.asarray(ref_info["retained_mass"])
-                                                        - np.asarray(got_info["retained_mass"])))),
-  }
+@dataclasses.dataclass
+class Capture:
+  """One prefill of a prompt batch: last-token logits and every layer's tensors (model.LayerOutputs)."""
+
+  lens: list[int]
+  len_B: jax.Array
+  logits_BV: jax.Array
+  layers: model_lib.LayerOutputs
 
 
-def press_label(press) -> str:
-  if press is None:
-    return "full"
-  name = {("snapkv", "uniform", "flat"): "snapkv", ("snapkv", "adaptive", "flat"): "ada-snapkv",
-          ("snapkv", "uniform", "pyramid"): "pyramidkv", ("snapkv", "adaptive", "pyramid"): "ada-pyramidkv",
-          ("h2o", "uniform", "flat"): "h2o", ("h2o", "adaptive", "flat"): "ada-h2o"}
-  return name.get((press.scorer, press.allocation, press.schedule), press.scorer) + f"@{press.budget}"
+@functools.partial(jax.jit, static_argnames=("cfg", "chunk", "tap"))
+def _run_capture(params, tokens_BL, len_B, *, cfg, chunk: int, tap):
+  last_BE, layers = model_lib.run_prefill(params, tokens_BL, len_B, cfg=cfg, chunk=chunk, tap=tap)
+  return model_lib.logits_of(params, last_BE, cfg), layers
+
+
+def capture(params, cfg, prompts: list[list[int]], *, window: int = 32, with_colsum: bool = True) -> Capture:
+  """One prefill of `prompts` that serves every press (column sums only matter to H2O)."""
+  tokens, len_B, chunk = pad_batch(prompts)
+  logits, layers = _run_capture(params, tokens, len_B, cfg=cfg, chunk=chunk,
+                                tap=model_lib.CaptureTap(window=window, with_colsum=with_colsum))
+  return Capture(lens=[len(p) for p in prompts], len_B=len_B, logits_BV=logits, layers=layers)
+
+
+def fitting_plan(cfg, batches: list[list[int]], presses, *, room: int, page_size: int) -> CachePlan:
+  """One cache plan that holds the cache of every press (None: the full cache) for every batch of prompt
+  lengths: each layer's pool and the page-table width are the largest any of them needs.
+
+  Caches made with it share one shape, so the jitted append and decode loop compile once for a whole grid
+  instead of once per press (about half a minute each on CPU). A head reads only the pages it owns, so
+  the spare pool pages change no result, and `memory` reports the cache trimmed to the pages in use,
+  which is what generate() allocates for the same run.
+  """
+  heads = {cache_heads(cfg, press) for press in presses}
+  if len(heads) != 1:
+    raise ValueError(f"presses with different cache heads ({sorted(heads)}) cannot share one plan: plan "
+                     "each gqa setting on its own")
+  (h,) = heads
+  plans = [plan_cache(cfg.num_layers, h, lens, room=room, press=press, page_size=page_size)
+           for lens in batches for press in presses]
+  return CachePlan(page_size=page_size, layer_pages=tuple(map(max, zip(*(p.layer_pages for p in plans)))),
+                   max_pages=max(p.max_pages for p in plans), room=room)
+
+
+def compress(cfg, cap: Capture, press, plan: CachePlan, *, seed: int = 0):
+  """(cache, info on the host, memory) of one press on a capture: the cache and info prefill(press, plan)
+  returns, and the memory generate() reports for that run (`memory` of the trimmed cache)."""
+  cache, info = model_lib.cache_from_capture(cap.layers, cap.len_B, prefill_key(seed), cfg=cfg, press=press,
+                                             plan=plan)
+  return cache, jax.device_get(info), memory(cfg, cache.trim(), cap.lens, plan.room)
+
+
+def memory(cfg, cache, lens: list[int], room: int) -> dict:
+  """The memory of a freshly made cache, in GenerationResult's terms: K/V bytes allocated (every pool
+  page), kept by prefill, reserved for the `room` tokens to come, and the full cache's."""
+  allocated, kept = cache.nbytes(), cache.kept_bytes()
+  decode_room = cfg.num_layers * len(lens) * cache.num_heads * room * cache.entry_bytes
+  return {"allocated_bytes": allocated, "kept_bytes": kept, "decode_room_bytes": decode_room,
+          "full_cache_bytes": full_cache_bytes(cfg, lens, room, cache.page_size),
+          "padding_overhead": round(allocated / max(kept + decode_room, 1), 4), "page_size": cache.page_size,
+          "pages_used": cache.pages_used(), "pages_allocated": cache.pages_allocated()}
 
 
 # ---- decoding ----------------------------------------------------------------------------------------
 
-def greedy(params, cfg, logits_BV, cache: KVCache, steps: int) -> list[list[int]]:
-  """Greedy continuation of `steps` tokens from last-token logits (EOS not special: fixed length)."""
-  tok = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  out = [np.asarray(tok)]
-  key = jax.random.PRNGKey(0)
-  for _ in range(steps - 1):
-    tok, _, cache = decode_step(params, tok, cache, key, cfg=cfg, sampling=Sampling(), backend=BACKEND)
-    out.append(np.asarray(tok))
-  return np.stack(out, axis=1).tolist()
+def greedy_first(logits_BV) -> jax.Array:
+  return sample(logits_BV, jax.random.PRNGKey(0), GREEDY)
+
+
+def ask(params, cfg, cache, questions: list[list[int]], width: int | None = None):
+  """Appends one question per sequence, right-padded to `width` (one width: one compiled append), to the
+  cache: (logits after each question [B, V], cache)."""
+  q_BT = pad_rows(questions, width)
+  return model_lib.append(params, q_BT, np.asarray([len(q) for q in questions], np.int32), cache, cfg=cfg,
+                          backend=BACKEND)
+
+
+def decode(params, cfg, first_B, cache, *, max_new_tokens: int, eos_ids=()) -> list[list[int]]:
+  """Greedy ids per sequence, `first_B` included, up to max_new_tokens or an EOS (kept, as generate()
+  returns it); no eos_ids: fixed length. The cache is donated to the loop."""
+  eos = tuple(int(e) for e in eos_ids)
+  state = start_decode(first_B, cache, jax.random.PRNGKey(0), max_new_tokens, eos)
+  state = decode_loop(params, state, cfg=cfg, sampling=GREEDY, eos_ids=eos, steps=max_new_tokens,
+                      backend=BACKEND)
+  tokens, count = jax.device_get((state.tokens_BS, state.count_B))
+  return [tokens[i, :count[i]].tolist() for i in range(len(count))]
 
 
 # ---- output ------------------------------------------------------------------------------------------

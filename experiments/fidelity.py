@@ -9,24 +9,27 @@ The full cache goes through the same path. Reported over the M next-token distri
 agreement, and the mean retained attention mass of the window queries (press info, mean over layers).
 Agnostic mode also reports the first answer token (after the question), which aware mode gets exactly.
 Per layer, the relative L2 error of the window queries' attention output over the kept keys against all
-keys (the quantity ADAKV_SPEC 2 bounds) is reported too.
+keys (the quantity ADAKV_SPEC 2 bounds) is reported too, and each cache's memory (allocated, kept, decode
+room), so that presses can also be compared at equal allocated bytes.
 
-    python experiments/fidelity.py           # ~5-6.5 min on 2 shared CPU cores
-    python experiments/fidelity.py --quick   # smoke run
+One capture per mode serves every press (common.capture / common.compress).
+
+    python -m experiments.fidelity           # ~5-6.5 min on 2 shared CPU cores
+    python -m experiments.fidelity --quick   # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 
-import common
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from adakv_jax import model as model_lib
-from adakv_jax.press import make_press
+from adakv_jax.generation import pad_rows
+from experiments import common
 
 PRESSES = ("snapkv", "ada-snapkv", "pyramidkv", "ada-pyramidkv", "h2o", "ada-h2o", "streamingllm", "knorm",
            "random")
@@ -49,6 +52,7 @@ def parse_args():
   p.add_argument("--new-tokens", type=int, default=32, help="M: teacher-forced continuation length")
   p.add_argument("--pool", choices=("max", "avg"), default="max", help="pooling of the SnapKV-family scores")
   p.add_argument("--kernel", type=int, default=7, help="pooling kernel of the SnapKV-family scores")
+  common.add_press_args(p)
   a = p.parse_args()
   if a.quick:
     a.contexts, a.ctx_tokens, a.budgets, a.presses, a.new_tokens = 1, 200, [64], ["snapkv", "ada-snapkv"], 8
@@ -66,16 +70,17 @@ def build_contexts(tok, n: int, n_tokens: int):
   out = []
   for i in range(n):
     text = common.context_text(tok, n_tokens, start=i * count // max(n, 1))
-    ctx, q = common.chat_parts(tok, text, QUESTIONS[i % len(QUESTIONS)])
+    ctx, (q,) = tok.encode_chat(text, [QUESTIONS[i % len(QUESTIONS)]])
     out.append({"ctx": ctx, "q": q, "question": QUESTIONS[i % len(QUESTIONS)], "preview": text[:120]})
   return out
 
 
 @jax.jit
-def attention_output_error(cap, positions_NBKC, len_B):
+def attention_output_error(layers, positions_NBKC, len_B):
   """Per layer: relative L2 error of the window queries' attention output over the kept keys (softmax
-  renormalised over them) against all keys, mean over sequences, query heads and window queries."""
-  q, k, v = cap["q_win"], cap["k"], cap["v"]  # [N, B, H, W, D], [N, B, K, L, D]
+  renormalised over them) against all keys, mean over sequences, query heads and window queries.
+  layers: a capture's model.LayerOutputs (q_win [N, B, H, W, D], k/v [N, B, K, L, D]); KV-head caches."""
+  q, k, v = layers.q_win_BHWD, layers.k_BKLD, layers.v_BKLD
   n, b, h, w, d = q.shape
   kh, l = k.shape[2], k.shape[3]
   idx = jnp.where(positions_NBKC >= 0, positions_NBKC, l).reshape(-1, positions_NBKC.shape[-1])
@@ -105,12 +110,8 @@ def kl_and_agree(full_BTV, comp_BTV):
 def append_tokens(mode: str, items, ys):
   """Tokens to append per sequence, right-padded: (tokens [B, T], n_valid [B], offset of y_1's logits)."""
   rows = [y if mode == "aware" else it["q"] + y for it, y in zip(items, ys)]
-  t = max(len(r) for r in rows)
-  toks = np.zeros((len(rows), t), np.int32)
-  for i, r in enumerate(rows):
-    toks[i, :len(r)] = r
   first = [0 if mode == "aware" else len(it["q"]) for it in items]  # index of y_1 in the row
-  return jnp.asarray(toks), jnp.asarray([len(r) for r in rows], jnp.int32), first
+  return jnp.asarray(pad_rows(rows)), jnp.asarray([len(r) for r in rows], jnp.int32), first
 
 
 def teacher_force(params, cfg, cache, toks, n_valid, first, m: int):
@@ -127,18 +128,21 @@ def eos_mask(ys, eos) -> np.ndarray:
   return np.array([[not any(t in eos for t in y[:j + 1]) for j in range(len(y))] for y in ys])
 
 
-def capture_mode(params, cfg, mode, items):
-  """One capture of this mode's prompts (context + question, or the context alone)."""
+def capture_mode(params, cfg, mode, items, presses, m: int, page_size: int):
+  """One capture of this mode's prompts (context + question, or the context alone) and the one plan that
+  fits every press's cache of them, with room for what gets appended (question and y_1..y_M)."""
   prompts = [it["ctx"] + it["q"] if mode == "aware" else it["ctx"] for it in items]
-  tokens, len_B, chunk = common.pad_batch(prompts)
-  logits0, cap = common.capture(params, tokens, len_B, cfg=cfg, chunk=chunk, window=32)
-  return dict(prompts=prompts, tokens=tokens, len_B=len_B, chunk=chunk, cap=cap, logits0=logits0)
+  colsum = any(press is not None and press.needs_colsum for press in presses)
+  cap = common.capture(params, cfg, prompts, window=32, with_colsum=colsum)
+  room = m + (max(len(it["q"]) for it in items) if mode == "agnostic" else 0)
+  return {"cap": cap, "plan": common.fitting_plan(cfg, [cap.lens], [None, *presses], room=room,
+                                                  page_size=page_size)}
 
 
 def add_reference(params, cfg, st, mode, items, ys, m):
   """The full-cache reference logits of this mode, through the same append path as the presses."""
   toks, n_valid, first = append_tokens(mode, items, ys)
-  full = common.full_cache(st["cap"], st["len_B"], max(len(p) for p in st["prompts"]) + toks.shape[1])
+  full, _, _ = common.compress(cfg, st["cap"], None, st["plan"])
   ref_y, ref_first = teacher_force(params, cfg, full, toks, n_valid, first, m)
   st.update(toks=toks, n_valid=n_valid, first=first, ref_y=ref_y, ref_first=ref_first)
   return st
@@ -146,17 +150,15 @@ def add_reference(params, cfg, st, mode, items, ys, m):
 
 def evaluate(params, cfg, st, press, mode, m, valid):
   """Metrics of one press against the full reference of this mode."""
-  max_len = max(len(p) for p in st["prompts"])
-  capacity = press.capacity(cfg.num_layers, max_len, st["toks"].shape[1])
-  cache, info = common.compress(st["cap"], st["len_B"], common.prefill_key(), cfg=cfg, press=press,
-                                capacity=capacity, return_positions=True)
-  attn_err = np.asarray(attention_output_error(st["cap"], info["positions"], st["len_B"]))
+  cap = st["cap"]
+  cache, info, mem = common.compress(cfg, cap, press, st["plan"])
+  attn_err = np.asarray(attention_output_error(cap.layers, info["positions"], cap.len_B))
   kept = np.asarray(info["budgets"]).sum(axis=(0, 2))  # per sequence, over layers and heads
   mass = np.asarray(info["retained_mass"])  # [layers, B]
   y, fst = teacher_force(params, cfg, cache, st["toks"], st["n_valid"], st["first"], m)
   kl, agree = (np.asarray(x) for x in kl_and_agree(st["ref_y"], y))
   kl0, agree0 = (np.asarray(x) for x in kl_and_agree(st["ref_first"][:, None], fst[:, None]))
-  full_entries = np.asarray(st["len_B"]) * cfg.num_layers * cfg.num_kv_heads
+  full_entries = np.asarray(cap.lens) * cfg.num_layers * cfg.num_kv_heads
   return {
       "kl_mean": float(kl[valid].mean()),
       "top1_agreement": float(agree[valid].mean()),
@@ -164,6 +166,8 @@ def evaluate(params, cfg, st, press, mode, m, valid):
       "kl_first_token": float(kl0.mean()) if mode == "agnostic" else 0.0,
       "top1_first_token": float(agree0.mean()) if mode == "agnostic" else 1.0,
       "kept_fraction": float((kept / full_entries).mean()),
+      **mem,
+      "allocated_mib": mem["allocated_bytes"] / 2**20,
       "attn_out_rel_error": float(attn_err.mean()),
       "attn_out_rel_error_per_layer": [round(float(x), 5) for x in attn_err],
       "per_context": {"kl_mean": [float(kl[b][valid[b]].mean()) for b in range(len(kl))],
@@ -173,26 +177,35 @@ def evaluate(params, cfg, st, press, mode, m, valid):
 
 
 def plot(rows, budgets, presses, name, pool="max", kernel=7):
+  """KL and agreement against the budget (top rows) and KL against allocated memory (bottom row)."""
   plt = common.pyplot()
-  fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharex=True)
+  fig, axes = plt.subplots(3, 2, figsize=(12, 12))
   colors = plt.get_cmap("tab10")
   for col, mode in enumerate(MODES):
-    for i, p in enumerate(presses):
+    for p in presses:
       rs = sorted((r for r in rows if r["mode"] == mode and r["press"] == p), key=lambda r: r["budget"])
       style = dict(color=colors(_family(p, presses)), ls="-" if p.startswith("ada-") else "--", marker="o")
       axes[0, col].plot([r["budget"] for r in rs], [r["kl_mean"] for r in rs], label=p, **style)
       axes[1, col].plot([r["budget"] for r in rs], [r["top1_agreement"] for r in rs], label=p, **style)
+      if all("allocated_mib" in r for r in rs):
+        axes[2, col].plot([r["allocated_mib"] for r in rs], [r["kl_mean"] for r in rs], label=p, **style)
     axes[0, col].set_title(f"question-{mode}: KL(full || compressed), mean over positions")
-    axes[0, col].set_yscale("log")
     axes[1, col].set_title(f"question-{mode}: greedy top-1 agreement with full cache")
+    axes[2, col].set_title(f"question-{mode}: KL at equal allocated memory")
+    for ax in axes[:2, col]:
+      ax.set_xscale("log", base=2)
+      ax.set_xticks(budgets, [str(b) for b in budgets])
     axes[1, col].set_xlabel("budget per head (entries, window of 32 included)")
-    axes[1, col].set_xscale("log", base=2)
-    axes[1, col].set_xticks(budgets, [str(b) for b in budgets])
     axes[1, col].set_ylim(0, 1.02)
+    axes[0, col].set_yscale("log")
+    axes[2, col].set_yscale("log")
+    axes[2, col].set_xscale("log", base=2)
+    axes[2, col].set_xlabel("K/V bytes allocated by the cache (MiB, decode room included)")
   axes[0, 0].set_ylabel("KL (nats)")
   axes[1, 0].set_ylabel("agreement")
+  axes[2, 0].set_ylabel("KL (nats)")
   handles, labels = axes[0, 0].get_legend_handles_labels()
-  fig.legend(handles, labels, loc="lower center", ncol=len(presses), fontsize=8, bbox_to_anchor=(0.5, -0.03))
+  fig.legend(handles, labels, loc="lower center", ncol=len(presses), fontsize=8, bbox_to_anchor=(0.5, -0.02))
   fig.suptitle("SmolLM2-135M-Instruct, ~1K-token pydoc contexts, teacher-forced 32-token continuation "
                f"(SnapKV family: {pool}-pool k={kernel}; w=32, alpha=0.2, kv-head GQA)", fontsize=10)
   fig.tight_layout()
@@ -215,29 +228,25 @@ def main():
     cfg, params, tok = common.load()
     items = build_contexts(tok, a.contexts, a.ctx_tokens)
     eos = set(tok.eos_token_ids) | set(cfg.eos_token_ids)
-    states = {mode: capture_mode(params, cfg, mode, items) for mode in MODES}
-    # the reference continuation: greedy from the full cache of the question-aware prompt
+    grid = [(m, p, b) for m in MODES for p in a.presses for b in a.budgets]
+    presses = {(p, b): common.build_press(p, a, budget=b, **pooling(p, a)) for _, p, b in grid}
+    states = {mode: capture_mode(params, cfg, mode, items, list(presses.values()), a.new_tokens, a.page_size)
+              for mode in MODES}
+    # the reference continuation: greedy from the full cache of the question-aware prompt, fixed length
     aware = states["aware"]
-    cache = common.full_cache(aware["cap"], aware["len_B"], max(map(len, aware["prompts"])) + a.new_tokens)
-    ys = common.greedy(params, cfg, aware["logits0"], cache, a.new_tokens)
+    cache, _, _ = common.compress(cfg, aware["cap"], None, aware["plan"])
+    ys = common.decode(params, cfg, common.greedy_first(aware["cap"].logits_BV), cache,
+                       max_new_tokens=a.new_tokens)
     valid = eos_mask(ys, eos)
     for mode in MODES:
       add_reference(params, cfg, states[mode], mode, items, ys, a.new_tokens)
     sanity = {mode: {"full_vs_reference_top1": float(np.mean(np.asarray(
         jnp.argmax(states[mode]["ref_y"][:, :-1], -1)) == np.asarray(ys)[:, 1:]))} for mode in MODES}
     rows = []
-    grid = [(m, p, b) for m in MODES for p in a.presses for b in a.budgets]
     for mode, pname, budget in tqdm(grid, desc="fidelity"):
-      press = make_press(pname, budget=budget, **pooling(pname, a))
       with common.Timer() as t:
-        r = evaluate(params, cfg, states[mode], press, mode, a.new_tokens, valid)
+        r = evaluate(params, cfg, states[mode], presses[(pname, budget)], mode, a.new_tokens, valid)
       rows.append({"mode": mode, "press": pname, "budget": budget, **r, "wall_s": round(t.s, 2)})
-    checks = [common.verify_against_prefill(params, cfg, states["aware"]["tokens"], states["aware"]["len_B"],
-                                            states["aware"]["cap"], make_press(p, budget=128),
-                                            make_press(p, budget=128).capacity(
-                                                cfg.num_layers, int(states["aware"]["len_B"].max()), 1),
-                                            states["aware"]["chunk"])
-              for p in (["ada-snapkv"] if a.quick else ["ada-snapkv", "h2o"])]
   payload = {
       "meta": common.run_meta(a, wall_s=round(total.s, 1), new_tokens=a.new_tokens,
                               questions=list(QUESTIONS[:a.contexts])),
@@ -245,14 +254,13 @@ def main():
                     "question_tokens": len(it["q"]), "reference": tok.decode(y),
                     "valid_positions": int(v.sum())} for it, y, v in zip(items, ys, valid)],
       "reference_sanity": sanity,
-      "capture_vs_prefill": checks,
       "rows": rows,
   }
   common.write_json(name, payload)
   plot(rows, a.budgets, a.presses, name, a.pool, a.kernel)
   common.print_table(rows, ["mode", "press", "budget", "kl_mean", "top1_agreement", "retained_mass",
-                            "kl_first_token", "attn_out_rel_error", "kept_fraction"])
-  print("capture vs prefill:", checks)
+                            "kl_first_token", "attn_out_rel_error", "kept_fraction", "allocated_mib",
+                            "padding_overhead"])
   print(f"total {total.s:.0f}s")
 
 

@@ -23,13 +23,14 @@ compressed alone; the rest of the template (instructions that follow the context
 the question's role. The two parts are tokenized separately, so a few boundary tokens can differ from
 the question-aware prompt.
 
-Predictions go to one JSONL file per (mode, press, budget, dataset) and are resumed by _id; the scores
-(per dataset and the average, the layout of ADAKV_SPEC 5) go to results/longbench_<model>[_agnostic].json
-and a PNG of the average score against the budget.
+Predictions go to one JSONL file per (mode, press, budget, dataset) and are resumed by _id, each with the
+memory its cache allocated (allocated, kept, decode-room bytes, page size); the scores (per dataset and
+the average, the layout of ADAKV_SPEC 5) go to results/longbench_<model>[_agnostic][_page<P>].json and a
+PNG of the average score against the budget. Every example runs through the library's `generate`.
 
-    python experiments/longbench.py --data-dir ~/LongBench/data \\
+    python -m experiments.longbench --data-dir ~/LongBench/data \\
         --model ~/models/Mistral-7B-Instruct-v0.2 --dtype bfloat16      # the paper's grid
-    python experiments/longbench.py --selftest                           # synthetic data, smollm2-135m
+    python -m experiments.longbench --selftest                           # synthetic data, smollm2-135m
 """
 
 from __future__ import annotations
@@ -37,13 +38,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import metrics  # noqa: E402
+from experiments import common, metrics
 
 # THUDM/LongBench LongBench/config/dataset2prompt.json (LongBench v1). Written from memory, then checked
 # character for character against that file at the repository's HEAD (2e00731): all 21 templates and
@@ -154,6 +153,7 @@ def parse_args(argv=None):
   p.add_argument("--kernel", type=int, default=7)
   p.add_argument("--pool", choices=("max", "avg"), default="max")
   p.add_argument("--floor-alpha", type=float, default=0.2)
+  common.add_press_args(p)
   p.add_argument("--limit", type=int, help="first N examples per dataset")
   p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
                  help="middle-truncate prompts to this many tokens (clamped to the model's context)")
@@ -183,6 +183,11 @@ def model_tag(model: str) -> str:
 
 def mode_tag(a) -> str:
   return "agnostic" if a.question_agnostic else "aware"
+
+
+def selection_tag(a) -> str:
+  """Page-granular selection keeps other entries: its predictions and scores live apart."""
+  return f"_page{a.page_size}" if a.granularity == "page" else ""
 
 
 def configs(a) -> list[tuple[str, int | None]]:
@@ -231,24 +236,16 @@ def question_suffix(dataset: str, example: dict) -> str:
   return template[template.index("{context}") + len("{context}"):].format(**example)
 
 
-def chat_split(tok) -> tuple[str, str] | None:
-  """(text before, text after) the user message in the chat template, or None without a template."""
-  if getattr(tok, "chat_template", None) is None:
-    return None
-  marker = "\u0000LONGBENCH\u0000"
-  head, tail = tok.apply_chat_template([{"role": "user", "content": marker}]).split(marker)
-  return head, tail
-
-
 def build_prompt(tok, dataset: str, example: dict, max_length: int, agnostic: bool, chat: str = "auto") -> dict:
-  """Token ids of one example: {"ids"} (question-aware) or {"ctx", "q"} (question-agnostic)."""
+  """Token ids of one example: {"ids"} (question-aware) or {"ctx", "q"} (question-agnostic). With a chat
+  template both modes wrap the prompt in the tokenizer's one split of it (Tokenizer.chat_split)."""
   prompt, truncated = truncate_middle(tok, DATASET2PROMPT[dataset].format(**example), max_length)
-  chat = None if dataset in NO_CHAT or chat == "none" else chat_split(tok)
+  use_chat = dataset not in NO_CHAT and chat != "none" and getattr(tok, "chat_template", None) is not None
+  chat = tok.chat_split() if use_chat else None
   if not agnostic:
     if chat is None:
       return {"ids": tok.encode(prompt, add_special_tokens=True), "truncated": truncated}
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}])
-    return {"ids": tok.encode(text, add_special_tokens=False), "truncated": truncated}
+    return {"ids": tok.encode(chat[0] + prompt + chat[1], add_special_tokens=False), "truncated": truncated}
   suffix = question_suffix(dataset, example)
   if not prompt.endswith(suffix):
     raise ValueError(f"{dataset} {example['_id']}: truncation reached the question part; it cannot be "
@@ -301,14 +298,13 @@ def predict(a, model) -> int:
   from tqdm import tqdm
 
   from adakv_jax.generation import generate
-  from adakv_jax.press import make_press
 
   cfg, params, tok = model
   eos = tuple(tok.eos_token_ids) or tuple(cfg.eos_token_ids)
   grid = configs(a)
-  presses = {c: None if c[0] == "full" else make_press(c[0], budget=c[1], window=a.window, kernel=a.kernel,
-                                                       pool=a.pool, floor_alpha=a.floor_alpha, backend=a.backend)
-             for c in grid}
+  presses = {c: common.build_press(c[0], a, **({} if c[1] is None else dict(
+      budget=c[1], window=a.window, kernel=a.kernel, pool=a.pool, floor_alpha=a.floor_alpha,
+      backend=a.backend))) for c in grid}
   ran = 0
   for dataset in a.datasets:
     examples = load_dataset(a.data_dir, dataset, a.limit)
@@ -325,18 +321,23 @@ def predict(a, model) -> int:
         built = {ex["_id"]: build_prompt(tok, dataset, ex, max_length, a.question_agnostic, a.chat)}
       prompt = built[ex["_id"]]
       t0 = time.perf_counter()
+      # untrimmed pools keep the plan's shape, which for a budget press is the same for every prompt longer
+      # than the budget: the examples share compiled programs (trimming would compile one per example)
+      run = dict(max_new_tokens=max_gen, press=presses[c], eos_token_ids=eos, backend=a.backend,
+                 page_size=a.page_size, trim=False)
       if a.question_agnostic:
-        res = generate(params, cfg, [prompt["ctx"]], questions=[prompt["q"]], max_new_tokens=max_gen,
-                       press=presses[c], eos_token_ids=eos, backend=a.backend)
+        res = generate(params, cfg, [prompt["ctx"]], questions=[prompt["q"]], **run)
         ids, n_prompt = res.answers[0][0], len(prompt["ctx"]) + len(prompt["q"])
       else:
-        res = generate(params, cfg, [prompt["ids"]], max_new_tokens=max_gen, press=presses[c],
-                       eos_token_ids=eos, backend=a.backend)
+        res = generate(params, cfg, [prompt["ids"]], **run)
         ids, n_prompt = res.token_ids[0], len(prompt["ids"])
       row = {"_id": ex["_id"], "pred": tok.decode(ids, skip_special_tokens=True), "answers": ex["answers"],
              "all_classes": ex.get("all_classes"), "length": ex.get("length"), "prompt_tokens": n_prompt,
-             "truncated": prompt["truncated"], "cache_bytes": res.cache_bytes,
-             "full_cache_bytes": res.full_cache_bytes, "seconds": round(time.perf_counter() - t0, 3)}
+             "truncated": prompt["truncated"], "allocated_bytes": res.cache_bytes,
+             "kept_bytes": res.kept_bytes, "decode_room_bytes": res.decode_room_bytes,
+             "full_cache_bytes": res.full_cache_bytes,
+             "padding_overhead": round(res.padding_overhead, 4), "page_size": res.page_size,
+             "seconds": round(time.perf_counter() - t0, 3)}
       path = pred_path(a.pred_dir, *c, dataset)
       path.parent.mkdir(parents=True, exist_ok=True)
       with path.open("a", encoding="utf-8") as f:
@@ -350,10 +351,11 @@ def predict(a, model) -> int:
 # ---- scoring and output ----------------------------------------------------------------------------
 
 def score_all(a) -> dict:
-  """{config tag: {"press", "budget", "datasets": {name: score}, "n": {name: count}, "average"}}."""
+  """{config tag: {"press", "budget", "datasets": {name: score}, "n": {name: count}, "average",
+  "allocated_mib_mean"}} (the mean allocated cache over the scored examples)."""
   table = {}
   for press, budget in configs(a):
-    scores, counts = {}, {}
+    scores, counts, allocated = {}, {}, []
     for dataset in a.datasets:
       rows = read_preds(pred_path(a.pred_dir, press, budget, dataset))
       if not rows:
@@ -361,9 +363,12 @@ def score_all(a) -> dict:
       scores[dataset] = metrics.longbench_score(dataset, [r["pred"] for r in rows], [r["answers"] for r in rows],
                                                 rows[0].get("all_classes") or [])
       counts[dataset] = len(rows)
+      allocated += [r["allocated_bytes"] / 2**20 for r in rows if "allocated_bytes" in r]
     avg = round(sum(scores.values()) / len(scores), 2) if scores else None
-    table[config_tag(press, budget)] = {"press": press, "budget": budget, "datasets": scores, "n": counts,
-                                        "average": avg, "complete": len(scores) == len(a.datasets)}
+    table[config_tag(press, budget)] = {
+        "press": press, "budget": budget, "datasets": scores, "n": counts, "average": avg,
+        "allocated_mib_mean": round(sum(allocated) / len(allocated), 3) if allocated else None,
+        "complete": len(scores) == len(a.datasets)}
   return table
 
 
@@ -407,11 +412,10 @@ def plot(table: dict, a, path: Path, title: str) -> None:
 
 def run(a, model=None) -> dict:
   """Predict what is missing, score everything, write the JSON and the PNG; returns the payload."""
-  import common
-
   tag = model_tag(a.model)
-  a.pred_dir = a.pred_dir or common.RESULTS / "longbench_preds" / tag / mode_tag(a)
-  a.out = a.out or common.RESULTS / f"longbench_{tag}{'_agnostic' if a.question_agnostic else ''}.json"
+  a.pred_dir = a.pred_dir or common.RESULTS / "longbench_preds" / tag / (mode_tag(a) + selection_tag(a))
+  a.out = a.out or common.RESULTS / (f"longbench_{tag}{'_agnostic' if a.question_agnostic else ''}"
+                                     f"{selection_tag(a)}.json")
   if set(a.datasets) & set(ZH_DATASETS):
     metrics._jieba()  # fail before hours of generation, not after
   t0 = time.perf_counter()
@@ -490,8 +494,6 @@ def write_synthetic_data(root: Path) -> list[str]:
 
 def selftest() -> None:
   """End to end on synthetic data: both modes, resume (a second run generates nothing), JSON checks."""
-  import common
-
   root = Path(tempfile.mkdtemp(prefix="longbench_selftest_"))
   datasets = write_synthetic_data(root / "data")
   model = common.load("smollm2-135m")

@@ -4,10 +4,11 @@ Question-aware (the question closes the prompt), chat template, greedy 12 tokens
 "The pass key is NNNNN", 10 tokens, so 8 would cut the key off); a trial succeeds when
 the key's digits appear in the answer. ADAKV_SPEC 7 warns that on a 135M model this is a cliff, not a
 gradient, so beside accuracy each configuration records how many (layer, KV-head) pairs kept every digit
-token of the key (of both mentions, and of at least one mention) -- the mechanism behind a lost key.
+token of the key (of both mentions, and of at least one mention) -- the mechanism behind a lost key --
+and the memory each cache allocates. One capture of all trials serves every press.
 
-    python experiments/needle.py           # ~1.5-3 min on 2 shared CPU cores
-    python experiments/needle.py --quick
+    python -m experiments.needle           # ~1.5-3 min on 2 shared CPU cores
+    python -m experiments.needle --quick
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ from __future__ import annotations
 import argparse
 import random
 
-import common
 import numpy as np
 from tqdm import tqdm
 
-from adakv_jax.press import make_press
+from experiments import common
 
 PRESSES = ("full", "snapkv", "ada-snapkv", "pyramidkv", "ada-pyramidkv")
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
@@ -37,6 +37,7 @@ def parse_args():
   p.add_argument("--presses", nargs="+", default=list(PRESSES))
   p.add_argument("--new-tokens", type=int, default=12, help="the answer \"The pass key is NNNNN\" takes 10")
   p.add_argument("--seed", type=int, default=0)
+  common.add_press_args(p)
   a = p.parse_args()
   if a.quick:
     a.filler_tokens, a.depths, a.keys, a.budgets, a.presses = 200, [0.5], 2, [64], ["full", "ada-snapkv"]
@@ -52,8 +53,7 @@ def cut_at_sentence(text: str, depth: float) -> int:
 
 def build_trial(tok, filler: str, depth: float, key: str):
   """Prompt ids and the positions of the key's digit tokens, per mention."""
-  marker = "\u0000CTX\u0000"
-  head, tail = tok.apply_chat_template([{"role": "user", "content": marker}]).split(marker)
+  head, tail = tok.chat_split()
   cut = cut_at_sentence(filler, depth)
   before = tok.encode(head + filler[:cut], add_special_tokens=False)
   needle = tok.encode(NEEDLE.format(key=key), add_special_tokens=False)
@@ -78,28 +78,24 @@ def key_kept(positions_NBHC: np.ndarray, trials) -> tuple[np.ndarray, np.ndarray
   return np.asarray(both), np.asarray(one)
 
 
-def run_config(params, cfg, tok, st, trials, pname, budget, new_tokens):
-  """Answers and per-trial results of one press configuration."""
-  max_len = max(len(t["ids"]) for t in trials)
-  if pname == "full":
-    cache = common.full_cache(st["cap"], st["len_B"], max_len + new_tokens)
+def run_config(params, cfg, tok, cap, plan, trials, press, a, eos):
+  """Answers, per-trial results and the cache's memory of one press configuration."""
+  cache, info, mem = common.compress(cfg, cap, press, plan)
+  if press is None:
     kept = one = np.ones(len(trials))
   else:
-    press = make_press(pname, budget=budget)
-    cache, info = common.compress(st["cap"], st["len_B"], common.prefill_key(), cfg=cfg, press=press,
-                                  capacity=press.capacity(cfg.num_layers, max_len, new_tokens),
-                                  return_positions=True)
     kept, one = key_kept(np.asarray(info["positions"]), trials)
-  answers = common.greedy(params, cfg, st["logits0"], cache, new_tokens)
+  answers = common.decode(params, cfg, common.greedy_first(cap.logits_BV), cache, max_new_tokens=a.new_tokens,
+                          eos_ids=eos)
   out = []
   for t, ids, k, k1 in zip(trials, answers, kept, one):
     text = tok.decode(ids)
     out.append({"key": t["key"], "depth": t["depth"], "answer": text, "success": t["key"] in text.replace(" ", ""),
                 "key_kept_layer_head_fraction": float(k), "one_mention_kept_layer_head_fraction": float(k1)})
-  return out
+  return out, mem
 
 
-def summarise(pname, budget, results, depths):
+def summarise(pname, budget, results, depths, mem):
   row = {"press": pname, "budget": budget if pname != "full" else None,
          "accuracy": float(np.mean([r["success"] for r in results])),
          "key_kept_layer_head_fraction": float(np.mean([r["key_kept_layer_head_fraction"] for r in results])),
@@ -107,6 +103,7 @@ def summarise(pname, budget, results, depths):
                                                                 for r in results]))}
   for d in depths:
     row[f"acc@{d:g}"] = float(np.mean([r["success"] for r in results if r["depth"] == d]))
+  row.update(mem, allocated_mib=mem["allocated_bytes"] / 2**20)
   return row
 
 
@@ -149,27 +146,32 @@ def main():
     filler = common.context_text(tok, a.filler_tokens, start=len(common.topics()) // 2)
     keys = [str(rng.randrange(10000, 100000)) for _ in range(a.keys)]
     trials = [build_trial(tok, filler, d, k) for d in a.depths for k in keys]
-    tokens, len_B, chunk = common.pad_batch([t["ids"] for t in trials])
-    logits0, cap = common.capture(params, tokens, len_B, cfg=cfg, chunk=chunk, window=32)
-    st = dict(cap=cap, len_B=len_B, logits0=logits0)
+    eos = tuple(tok.eos_token_ids) or tuple(cfg.eos_token_ids)
     grid = [(p, b) for p in a.presses for b in ([None] if p == "full" else a.budgets)]
+    presses = {(p, b): common.build_press(p, a, **({} if b is None else {"budget": b})) for p, b in grid}
+    colsum = any(press is not None and press.needs_colsum for press in presses.values())
+    cap = common.capture(params, cfg, [t["ids"] for t in trials], window=32, with_colsum=colsum)
+    plan = common.fitting_plan(cfg, [cap.lens], list(presses.values()), room=a.new_tokens,
+                               page_size=a.page_size)
     rows, details = [], []
     for pname, budget in tqdm(grid, desc="needle"):
-      res = run_config(params, cfg, tok, st, trials, pname, budget, a.new_tokens)
-      rows.append(summarise(pname, budget, res, a.depths))
+      res, mem = run_config(params, cfg, tok, cap, plan, trials, presses[(pname, budget)], a, eos)
+      rows.append(summarise(pname, budget, res, a.depths, mem))
       details.append({"press": pname, "budget": budget, "trials": res})
   payload = {
       "meta": common.run_meta(a, wall_s=round(total.s, 1), needle=NEEDLE, question=QUESTION, keys=keys,
                               prompt_tokens=[len(t["ids"]) for t in trials],
                               depth_actual=[round(t["depth_actual"], 3) for t in trials],
-                              success="the key's 5 digits appear in the greedy answer (spaces removed)"),
+                              success="the key's 5 digits appear in the greedy answer (spaces removed); "
+                                      "greedy decoding stops at EOS"),
       "rows": rows,
       "details": details,
   }
   common.write_json(name, payload)
   plot(rows, a.depths, name, len(keys), payload["meta"]["prompt_tokens"])
   common.print_table(rows, ["press", "budget", "accuracy", *[f"acc@{d:g}" for d in a.depths],
-                            "key_kept_layer_head_fraction", "one_mention_kept_layer_head_fraction"])
+                            "key_kept_layer_head_fraction", "one_mention_kept_layer_head_fraction",
+                            "allocated_mib", "padding_overhead"])
   print(f"total {total.s:.0f}s")
 
 

@@ -13,16 +13,15 @@ compressed (the query sits in the observation window). Question-agnostic: the co
 instruction + haystack) is prefilled and compressed alone, then the query sentence + chat tail + answer
 prefix is appended to the compressed cache. Both modes see the same token ids.
 
-Speed (CPU): one prefill per batch of samples serves every press and both modes. Keys, values and
-queries of the first n positions do not depend on later tokens (causal), so the question-agnostic
-compression uses the same prefill's per-layer tensors with the window queries taken at the end of the
-context; `experiments/common.py`'s compress then runs the library's own compress_layer per press.
-Every configuration's cache is then decoded in shared batches. `--verify` checks this path against
-adakv_jax.generation.generate on one sample.
+Speed (CPU): one capture per batch of samples and mode (the whole prompts; the contexts alone) serves
+every press (experiments/common.py: model.run_prefill with a CaptureTap, then model.cache_from_capture per
+press); question-agnostic caches take the question through model.append; each configuration's batch is
+decoded by the library's decode loop, stopping at EOS. Every result records the cache's memory (allocated,
+kept, decode room).
 
-    python experiments/ruler.py --lengths 1024 --samples 5 --short-gen   # the CPU grid (~15 min, 2 cores)
-    python experiments/ruler.py --quick                                   # smoke run
-    python experiments/ruler.py --replot
+    python -m experiments.ruler --lengths 1024 --samples 5 --short-gen   # the CPU grid (~15 min, 2 cores)
+    python -m experiments.ruler --quick                                   # smoke run
+    python -m experiments.ruler --replot
 """
 
 from __future__ import annotations
@@ -35,10 +34,10 @@ import string
 import sys
 import time
 import uuid
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import metrics  # noqa: E402
+import jax
+
+from experiments import common, metrics
 
 DEVIATIONS = [
     "essay haystack: Python's pydoc_data.topics text instead of Paul Graham's essays (no download); "
@@ -384,11 +383,9 @@ def parse_args():
                  help="compression_ratio (fraction evicted): 0.5 / 0.7 = the paper's 50%% / 30%% kept")
   p.add_argument("--modes", nargs="+", default=["aware", "agnostic"], choices=["aware", "agnostic"])
   p.add_argument("--short-gen", action="store_true", help="cap generated tokens per task (SHORT_GEN)")
-  p.add_argument("--decode-batch", type=int, default=25, help="sequences per decode batch")
-  p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
-                 help="compare the batched path with generate() on one sample (4 configurations)")
   p.add_argument("--model", default=None, help="default: smollm2-135m")
   p.add_argument("--seed", type=int, default=0)
+  common.add_press_args(p)
   p.add_argument("--quick", action="store_true", help="tiny smoke run")
   p.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON")
   p.add_argument("--out", default="ruler", help="results/<out>.json / .png")
@@ -415,20 +412,15 @@ def config_label(cfg: tuple) -> str:
 
 
 class Runner:
-  """The model plus the batched capture -> compress -> (append) -> decode path."""
+  """The model plus the capture -> compress -> (append) -> decode path of a batch of samples."""
 
-  def __init__(self, model: str | None, seq_len: int, gen_max: int):
-    import common
-
-    self.common = common
+  def __init__(self, model: str | None, args):
     self.cfg, self.params, self.tok = common.load(model or common.MODEL)
-    self.eos = set(self.tok.eos_token_ids) or set(self.cfg.eos_token_ids)
-    marker = "\u0000CTX\u0000"
+    self.args = args
+    self.eos = tuple(self.tok.eos_token_ids) or tuple(self.cfg.eos_token_ids)
     chat = self.tok.chat_template is not None
-    self.head, self.tail = (self.tok.apply_chat_template([{"role": "user", "content": marker}]).split(marker)
-                            if chat else ("", "\n"))
+    self.head, self.tail = self.tok.chat_split() if chat else ("", "\n")
     self.bos = not chat
-    self.seq_len, self.gen_max = seq_len, gen_max
 
   def encode(self, s: dict) -> tuple[list[int], list[int]]:
     """(context ids, question ids); context + question is the question-aware prompt."""
@@ -441,241 +433,79 @@ class Runner:
     return len(ctx) + len(q)
 
   def press(self, name: str, ratio):
-    from adakv_jax.press import make_press
+    return common.build_press(name, self.args, **({} if ratio is None else {"compression_ratio": ratio}))
 
-    return None if name == "full" else make_press(name, compression_ratio=ratio)
+  def plan(self, tasks: list[list[dict]], configs: list[tuple], gen_max: int) -> None:
+    """One cache plan per mode for every task of a length (common.fitting_plan): each configuration's cache
+    then has one shape, and the question append and the decode loop compile once per mode. The room is
+    the longest generation (and, question-agnostic, the longest question) of the length."""
+    enc = [self.encode(s) for samples in tasks for s in samples]
+    self.q_pad = max(len(q) for _, q in enc)
+    self.gen_max = gen_max
+    self.presses = {cf: self.press(cf[1], cf[2]) for cf in configs}
+    lens = {"aware": [[self.count(s) for s in samples] for samples in tasks],
+            "agnostic": [[len(self.encode(s)[0]) for s in samples] for samples in tasks]}
+    rooms = {"aware": gen_max, "agnostic": self.q_pad + gen_max}
+    self.plans = {mode: common.fitting_plan(self.cfg, lens[mode], [p for cf, p in self.presses.items()
+                                                                   if cf[0] == mode],
+                                            room=rooms[mode], page_size=self.args.page_size)
+                  for mode in {cf[0] for cf in configs}}
 
-  def run(self, samples: list[dict], configs: list[tuple], gen_tokens: int, decode_batch: int,
-          presses: dict | None = None):
-    """Generated ids per configuration per sample: out[config][sample]. presses: {config: Press or None}
-    overrides the (mode, press name, compression_ratio) reading of the configurations."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
+  def run(self, samples: list[dict], configs: list[tuple], gen_tokens: int):
+    """Generated ids per configuration per sample (out[config][sample]) and each configuration's memory.
 
-    from adakv_jax import model as model_lib
-
-    c = self.common
+    Every configuration decodes up to the length's longest generation and is cut to `gen_tokens`: greedy
+    decoding makes those the ids a `gen_tokens` run generates, and one loop shape serves every task."""
     enc = [self.encode(s) for s in samples]
-    full = [ctx + q for ctx, q in enc]
-    tokens, len_full, chunk = c.pad_batch(full)
-    len_ctx = jnp.asarray([len(ctx) for ctx, _ in enc], jnp.int32)
-    presses = presses or {cf: self.press(cf[1], cf[2]) for cf in configs}
-    colsum = any(p is not None and p.needs_colsum for p in presses.values())
+    colsum = any(p is not None and p.needs_colsum for p in self.presses.values())
     t0 = time.perf_counter()
-    logits, per_layer = capture_two_windows(self.params, tokens, len_full, len_ctx, cfg=self.cfg, chunk=chunk,
-                                            window=32, with_colsum=colsum)
-    jax.block_until_ready(logits)
+    prompts = {"aware": [ctx + q for ctx, q in enc], "agnostic": [ctx for ctx, _ in enc]}
+    caps = {mode: common.capture(self.params, self.cfg, prompts[mode], with_colsum=colsum)
+            for mode in self.plans}
+    jax.block_until_ready([c.logits_BV for c in caps.values()])
     t1 = time.perf_counter()
-    q_max = max(len(q) for _, q in enc)
-    q_pad = max(96, -(-q_max // 32) * 32)  # fixed in practice: one compile of append and compress
-    capacity = self.seq_len + q_pad + self.gen_max  # one static capacity: one compile per press
-    # K/V cut to the longest real prompt, not the padded length: the press's per-head cap (ratio mode)
-    # is then head_cap(longest prompt), the cap Press.capacity reserves room for (see README_paper.md)
-    max_ctx, max_full = max(len(ctx) for ctx, _ in enc), max(len(f) for f in full)
-    q_ids = np.zeros((len(samples), q_pad), np.int32)
-    for i, (_, q) in enumerate(enc):
-      q_ids[i, :len(q)] = q
-    q_len = jnp.asarray([len(q) for _, q in enc], jnp.int32)
-    first_aware = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    states = []  # (first token [B], cache) per configuration
+    questions = [q for _, q in enc]
+    outs, mems, t_decode = [], [], 0.0
     for cf in configs:
-      press = presses[cf]
-      if cf[0] == "aware":
-        cap = {k: per_layer[k][..., :max_full, :] if k in ("k", "v") else per_layer[k]
-               for k in ("q_win", "k", "v", "colsum") if k in per_layer}
-        if "colsum" in cap:
-          cap["colsum"] = cap["colsum"][..., :max_full]
-        cache = self._cache(cap, len_full, press, capacity)
-        states.append((first_aware, cache))
-        continue
-      # question-agnostic: the window queries that end the context, K/V up to the longest context
-      cap = {"q_win": per_layer["q_win_ctx"], "k": per_layer["k"][:, :, :, :max_ctx],
-             "v": per_layer["v"][:, :, :, :max_ctx]}
-      if press is not None and press.needs_colsum:  # H2O sums attention over the context's queries only
-        colsum_ctx = c.capture(self.params, tokens, len_ctx, cfg=self.cfg, chunk=chunk, window=32)[1]["colsum"]
-        cap["colsum"] = colsum_ctx[..., :max_ctx]
-      cache = self._cache(cap, len_ctx, press, capacity)
-      q_logits, cache = model_lib.append(self.params, jnp.asarray(q_ids), q_len, cache, cfg=self.cfg,
-                                         backend=c.BACKEND)
-      states.append((jnp.argmax(q_logits, axis=-1).astype(jnp.int32), cache))
-    del per_layer
-    jax.block_until_ready(states)
-    t2 = time.perf_counter()
-    flat = self._decode_all(states, gen_tokens, decode_batch)
-    self.seconds = {"prefill": t1 - t0, "compress_append": t2 - t1, "decode": time.perf_counter() - t2,
-                    "decoded_tokens": sum(len(x) for x in flat)}
-    b = len(samples)
-    return [flat[i * b:(i + 1) * b] for i in range(len(configs))]
-
-  def _cache(self, cap, len_B, press, capacity):
-    c = self.common
-    if press is None:
-      return c.full_cache(cap, len_B, capacity)
-    cache, _ = c.compress(cap, len_B, c.prefill_key(), cfg=self.cfg, press=press, capacity=capacity)
-    return cache
-
-  def _decode_all(self, states, steps: int, decode_batch: int) -> list[list[int]]:
-    """Greedy decoding of every (first token, cache) in shared batches; each stops at EOS."""
-    import jax.numpy as jnp
-
-    from adakv_jax.cache import KVCache
-
-    firsts = jnp.concatenate([f for f, _ in states])
-    caches = [cache for _, cache in states]
-    big = KVCache(k=jnp.concatenate([x.k for x in caches], 1), v=jnp.concatenate([x.v for x in caches], 1),
-                  lengths=jnp.concatenate([x.lengths for x in caches], 1),
-                  pos=jnp.concatenate([x.pos for x in caches]))
-    del caches, states
-    out = []
-    n = firsts.shape[0]
-    for s in range(0, n, decode_batch):
-      e = min(s + decode_batch, n)
-      part = KVCache(k=big.k[:, s:e], v=big.v[:, s:e], lengths=big.lengths[:, s:e], pos=big.pos[s:e])
-      out += greedy_until_eos(self.params, self.cfg, firsts[s:e], part, steps, self.eos)
-    return out
-
-
-def greedy_until_eos(params, cfg, first_B, cache, steps: int, eos: set) -> list[list[int]]:
-  """Up to `steps` greedy tokens per sequence (the first included), EOS excluded; stops when all ended."""
-  import jax
-  import numpy as np
-
-  from adakv_jax.generation import Sampling, decode_step
-
-  tok = first_B
-  host = np.asarray(tok)
-  out = [[int(t)] if int(t) not in eos else [] for t in host]
-  done = np.array([int(t) in eos for t in host])
-  key = jax.random.PRNGKey(0)
-  for _ in range(steps - 1):
-    if done.all():
-      break
-    tok, _, cache = decode_step(params, tok, cache, key, cfg=cfg, sampling=Sampling(), backend="xla")
-    host = np.asarray(tok)
-    for i, t in enumerate(host):
-      if not done[i]:
-        done[i] = int(t) in eos
-        if not done[i]:
-          out[i].append(int(t))
-  return out
-
-
-def capture_two_windows(params, tokens_BL, len_B, len_ctx_B, *, cfg, chunk: int, window: int,
-                        with_colsum: bool):
-  """common.capture plus the window queries that end at the context's end (question-agnostic)."""
-  return _capture_two_windows(params, tokens_BL, len_B, len_ctx_B, cfg=cfg, chunk=chunk, window=window,
-                              with_colsum=with_colsum)
-
-
-def _jit_capture():
-  import functools
-
-  import jax
-  import jax.numpy as jnp
-  from jax import lax
-
-  from adakv_jax import model as model_lib
-
-  @functools.partial(jax.jit, static_argnames=("cfg", "chunk", "window", "with_colsum"))
-  def capture(params, tokens_BL, len_B, len_ctx_B, *, cfg, chunk, window, with_colsum):
-    b, l = tokens_BL.shape
-    pos_BL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-    x = params["embed"][tokens_BL].astype(model_lib.dtype_of(cfg))
-
-    def layer(x, lp):
-      q, k, v = model_lib._qkv(lp, x, pos_BL, cfg)
-      o, colsum = model_lib.chunked_causal_attention(q, k, v, len_B, chunk=chunk, with_colsum=with_colsum)
-      x = model_lib._out_and_mlp(lp, x, o, cfg)
-      out = dict(q_win=model_lib._window_queries(q, len_B, window),
-                 q_win_ctx=model_lib._window_queries(q, len_ctx_B, window), k=k, v=v)
-      if with_colsum:
-        out["colsum"] = colsum
-      return x, out
-
-    x, per_layer = lax.scan(layer, x, params["layers"])
-    last_BE = jnp.take_along_axis(x, (len_B - 1)[:, None, None], axis=1)[:, 0]
-    return model_lib._logits(params, last_BE, cfg), per_layer
-
-  return capture
-
-
-def _capture_two_windows(*args, **kwargs):
-  if "capture" not in _CACHE:
-    _CACHE["capture"] = _jit_capture()
-  return _CACHE["capture"](*args, **kwargs)
-
-
-def verify(runner: Runner, sample: dict, gen_tokens: int) -> list[dict]:
-  """The batched path against generate() on one sample: identical greedy tokens expected.
-
-  Ada-SnapKV is checked in budget mode (B = half the prompt): in ratio mode generate() itself can
-  overflow its cache (the library's per-head cap comes from the padded length; README_paper.md).
-  """
-  from adakv_jax.generation import generate
-  from adakv_jax.press import make_press
-
-  ctx, q = runner.encode(sample)
-  half = (len(ctx) + len(q)) // 2
-  presses = {("aware", "snapkv", 0.5): make_press("snapkv", compression_ratio=0.5),
-             ("aware", "ada-snapkv", f"B={half}"): make_press("ada-snapkv", budget=half),
-             ("agnostic", "ada-snapkv", f"B={half}"): make_press("ada-snapkv", budget=half),
-             ("agnostic", "full", None): None}
-  checks = list(presses)
-  ours = runner.run([sample], checks, gen_tokens, decode_batch=len(checks), presses=presses)
-  rows = []
-  for cf, mine in zip(checks, ours):
-    label = config_label(cf) if not isinstance(cf[2], str) else f"{cf[0]}/{cf[1]} {cf[2]}"
-    try:
-      if cf[0] == "aware":
-        ref = generate(runner.params, runner.cfg, [ctx + q], max_new_tokens=gen_tokens, press=presses[cf],
-                       eos_token_ids=tuple(runner.eos), backend="xla").token_ids[0]
-      else:
-        ref = generate(runner.params, runner.cfg, [ctx], max_new_tokens=gen_tokens, press=presses[cf],
-                       eos_token_ids=tuple(runner.eos), questions=[q], backend="xla").answers[0][0]
-    except Exception as e:  # noqa: BLE001 -- see the docstring
-      if "capacity exhausted" not in str(e):  # arrives wrapped in a JaxRuntimeError (debug callback)
-        raise
-      msg = re.search(r"KV cache capacity exhausted[^;]*", str(e))
-      rows.append({"config": label, "equal": None, "generate_error": msg.group(0) if msg else "",
-                   "ours": runner.tok.decode(mine[0])})
-      print(f"verify {label}: generate() raised CacheCapacityError")
-      continue
-    ref = [t for t in ref if t not in runner.eos]
-    agree = next((i for i, (x, y) in enumerate(zip(mine[0], ref)) if x != y), min(len(mine[0]), len(ref)))
-    rows.append({"config": label, "equal": mine[0] == ref, "agreeing_prefix": agree,
-                 "ours": runner.tok.decode(mine[0]), "generate": runner.tok.decode(ref)})
-    print(f"verify {label}: {'identical' if mine[0] == ref else f'first {agree} tokens agree'}")
-  return rows
+      mode, cap = cf[0], caps[cf[0]]
+      cache, _, mem = common.compress(self.cfg, cap, self.presses[cf], self.plans[mode])
+      mems.append(mem)
+      logits = cap.logits_BV
+      if mode == "agnostic":
+        logits, cache = common.ask(self.params, self.cfg, cache, questions, width=self.q_pad)
+      td = time.perf_counter()
+      ids = common.decode(self.params, self.cfg, common.greedy_first(logits), cache,
+                          max_new_tokens=self.gen_max, eos_ids=self.eos)
+      outs.append([x[:gen_tokens] for x in ids])
+      t_decode += time.perf_counter() - td
+    self.seconds = {"prefill": t1 - t0, "compress_append": time.perf_counter() - t1 - t_decode,
+                    "decode": t_decode, "decoded_tokens": sum(len(x) for o in outs for x in o)}
+    return outs, mems
 
 
 def main():
   a = parse_args()
   if a.replot:
-    import common
-
     payload = common.read_json(a.out)
     print_summary(payload["summary"], sorted({s["length"] for s in payload["summary"]}))
     plot(payload, a.out)
     return
-  import common
   from tqdm import tqdm
 
   configs = configurations(a)
   gen = {t: (SHORT_GEN[t] if a.short_gen else TOKENS_TO_GENERATE[TASKS[t]["kind"]]) for t in a.tasks}
-  runner = Runner(a.model, max(a.lengths), max(gen.values()))
-  rows, samples_meta, timings, checks = [], [], {}, []
+  runner = Runner(a.model, a)
+  rows, samples_meta, timings = [], [], {}
   t_all = time.perf_counter()
   for length in a.lengths:
-    runner.seq_len = length
+    tasks = {task: [make_sample(task, i, a.seed, length, runner.count) for i in range(a.samples)]
+             for task in a.tasks}
+    runner.plan(list(tasks.values()), configs, max(gen.values()))
     for task in tqdm(a.tasks, desc=f"RULER {length}", unit="task"):
       t0 = time.perf_counter()
-      samples = [make_sample(task, i, a.seed, length, runner.count) for i in range(a.samples)]
-      if a.verify and not checks:
-        checks = verify(runner, samples[0], gen[task])
-      outs = runner.run(samples, configs, gen[task], a.decode_batch)
-      for cf, ids in zip(configs, outs):
+      samples = tasks[task]
+      outs, mems = runner.run(samples, configs, gen[task])
+      for cf, ids, mem in zip(configs, outs, mems):
         preds = [runner.tok.decode(x) for x in ids]
         refs = [s["outputs"] for s in samples]
         rows.append({"length": length, "task": task, "mode": cf[0], "press": cf[1], "ratio": cf[2],
@@ -683,7 +513,7 @@ def main():
                      "score": metrics.ruler_score(preds, refs),
                      "per_sample": [metrics.string_match_all(metrics.ruler_postprocess(p), r)
                                     for p, r in zip(preds, refs)],
-                     "predictions": preds})
+                     "memory": mem, "predictions": preds})
       samples_meta += [{"length": length, "task": task, "index": s["index"], "size": s["size"],
                         "prompt_tokens": runner.count(s), "outputs": s["outputs"]} for s in samples]
       timings[f"{length}/{task}"] = {"total": round(time.perf_counter() - t0, 1),
@@ -693,7 +523,7 @@ def main():
   payload = {"meta": common.run_meta(a, model=a.model or common.MODEL, python=sys.version,
                                      wall_s=round(time.perf_counter() - t_all, 1)),
              "tasks": {t: TASKS[t] for t in a.tasks}, "skipped_tasks": ["qa_1", "qa_2"],
-             "deviations_from_ruler": DEVIATIONS, "generated_tokens": gen, "verify": checks,
+             "deviations_from_ruler": DEVIATIONS, "generated_tokens": gen,
              "summary": summary, "results": rows, "samples": samples_meta, "task_seconds": timings}
   common.write_json(a.out, payload)
   print_summary(summary, a.lengths)
@@ -707,26 +537,27 @@ def summarize(rows: list[dict]) -> list[dict]:
     key = (r["length"], r["config"])
     out.setdefault(key, {"length": r["length"], "config": r["config"], "mode": r["mode"],
                          "press": r["press"], "kept": r["kept"], "tasks": {}})["tasks"][r["task"]] = r["score"]
+    out[key].setdefault("allocated_mib", []).append(r["memory"]["allocated_bytes"] / 2**20)
   for v in out.values():
     v["average"] = round(sum(v["tasks"].values()) / len(v["tasks"]), 2)
+    v["allocated_mib_mean"] = round(sum(v["allocated_mib"]) / len(v["allocated_mib"]), 3)  # over tasks
+    del v["allocated_mib"]
   return list(out.values())
 
 
 def print_summary(summary: list[dict], lengths: list[int]) -> None:
-  import common
-
   for length in lengths:
     part = [s for s in summary if s["length"] == length]
     tasks = list(part[0]["tasks"]) if part else []
     short = {t: t.replace("niah_", "") for t in tasks}
     print(f"\nRULER {length} tokens, score per task (%), string-match recall")
     common.print_table([{"config": s["config"], **{short[t]: s["tasks"][t] for t in tasks},
-                         "avg": s["average"]} for s in part], ["config", *short.values(), "avg"])
+                         "avg": s["average"], "MiB": s.get("allocated_mib_mean", "")} for s in part],
+                       ["config", *short.values(), "avg", "MiB"])
 
 
 def plot(payload: dict, name: str) -> None:
   """Per length: a config x task heatmap of scores, averages in the last column."""
-  import common
   import numpy as np
 
   plt = common.pyplot()

@@ -21,14 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
+import jax
 
-import jax  # noqa: E402
-
-import adakv_jax as ak  # noqa: E402
-from adakv_jax.checkpoints.contexts import saved_bytes  # noqa: E402
+import adakv_jax as ak
+from adakv_jax.checkpoints.contexts import saved_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUESTIONS = ("What is this text about?", "Which statement does the text describe first?",

@@ -20,7 +20,7 @@ ALL_PRESSES = ("snapkv", "ada-snapkv", "pyramidkv", "ada-pyramidkv", "h2o", "ada
 def test_compressed_decode_equals_masked_dense_attention(name, extra):
   cfg, params = tiny_model()
   lens = [60, 41]
-  toks = jnp.asarray(gen._pad_batch(random_prompts(lens), 64))
+  toks = jnp.asarray([p + [0] * (64 - len(p)) for p in random_prompts(lens)])
   len_B = jnp.asarray(lens)
   press = make_press(name, **{"budget": 24, "window": 8, "backend": "xla", **extra})
   plan = plan_cache(cfg.num_layers, cfg.num_kv_heads, lens, room=1, press=press, page_size=8)
@@ -90,7 +90,7 @@ def test_question_agnostic_answers_equal_fresh_runs():
   res = gen.generate(params, cfg, context, max_new_tokens=6, press=press, questions=[q1, q2], backend="xla")
   for q, ans in zip((q1, q2), res.answers):
     # a fresh run: compress the same context, append this one question, decode greedily
-    toks = jnp.asarray(gen._pad_batch(context, 128))
+    toks = jnp.asarray([p + [0] * (128 - len(p)) for p in context])
     plan = plan_cache(cfg.num_layers, cfg.num_kv_heads, [90], room=len(q) + 6, press=press)
     _, cache, _ = model_lib.prefill(params, toks, jnp.asarray([90]), jax.random.split(jax.random.PRNGKey(0))[1],
                                     cfg=cfg, press=press, plan=plan, chunk=128)
@@ -174,7 +174,7 @@ def test_allocated_memory_is_within_ten_percent_of_kept_plus_decode_room(name, o
   heads = press.cache_heads(cfg.num_heads, cfg.num_kv_heads) if press else cfg.num_kv_heads
   room = 64  # what generate(max_new_tokens=64) reserves
   plan = plan_cache(cfg.num_layers, heads, lens, room=room, press=press)
-  toks = jnp.asarray(gen._pad_batch(random_prompts(lens, seed=3), model_lib.padded_length(max(lens))))
+  toks = jnp.asarray(gen.pad_rows(random_prompts(lens, seed=3), model_lib.padded_length(max(lens))))
   _, cache, info = model_lib.prefill(params, toks, jnp.asarray(lens), jax.random.PRNGKey(0), cfg=cfg,
                                      press=press, plan=plan, chunk=model_lib.prompt_chunk(max(lens)))
   cache = cache.trim()

@@ -5,14 +5,10 @@ examples. No model is loaded."""
 import re
 import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import longbench  # noqa: E402
-import metrics  # noqa: E402
-import ruler  # noqa: E402
+from experiments import longbench, metrics, ruler
 
 # ---- LongBench metrics -----------------------------------------------------------------------------
 
@@ -202,8 +198,8 @@ class WordTok:
   def decode(self, ids, skip_special_tokens=True):
     return "".join(t for t in ids if not (skip_special_tokens and t == "<s>"))
 
-  def apply_chat_template(self, messages):
-    return f"<user>{messages[0]['content']}</user><bot>"
+  def chat_split(self):
+    return "<user>", "</user><bot>"
 
 
 def test_middle_truncation_keeps_both_ends():

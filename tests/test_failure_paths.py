@@ -22,7 +22,7 @@ import pytest
 from adakv_jax.checkpoints import (CheckpointError, SaveTargetError, is_converted_dir, load_converted,
                                    load_model, save_converted)
 from adakv_jax.checkpoints import orbax_io
-from adakv_jax.cli import _read_prompt_file, main
+from adakv_jax.cli import main
 from adakv_jax.generation import Sampling
 from tests.parity import tiny_hf
 
@@ -264,10 +264,16 @@ def test_a_missing_prompt_file_is_named(tmp_path, capsys):
   assert f"cannot read --prompt-file {str(tmp_path / 'nope.txt')!r}" in err and "No such file" in err
 
 
-def test_a_prompt_file_may_start_with_a_byte_order_mark(tmp_path):
+def test_a_prompt_file_may_start_with_a_byte_order_mark(tmp_path, capsys, monkeypatch):
+  class PromptEcho:  # the tokenizer refuses every prompt, naming the text it was given
+    def encode_chat(self, text, questions=(), raw=False):
+      raise ValueError(f"prompt text {text!r}")
+
+  monkeypatch.setattr("adakv_jax.checkpoints.load_model", lambda *_, **__: (None, None, PromptEcho()))
   f = tmp_path / "bom.txt"
   f.write_bytes(b"\xef\xbb\xbfHello")
-  assert _read_prompt_file(str(f)) == "Hello"
+  assert main(["generate", "--model", "any", "--prompt-file", str(f)]) == 2
+  assert "prompt text 'Hello'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag,value", [

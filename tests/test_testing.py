@@ -20,7 +20,7 @@ def test_registered_shapes_are_the_checkpoints_own(name):
     path = Path(resolve_model(name))
   except CheckpointError as e:
     pytest.skip(f"{name} is not installed here: {e}")
-  reader = gguf._open_reader(path)
+  reader = gguf.open_reader(path)
   cfg = gguf.config_from_metadata(gguf.read_metadata(reader), {t.name for t in reader.tensors}, "bfloat16")
   assert registered_config(name) == cfg
   assert registered_config(name, "float32", num_layers=2) == cfg.replace(dtype="float32", num_layers=2)

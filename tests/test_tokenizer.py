@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from adakv_jax.checkpoints import CheckpointError, ChatTemplateError, Tokenizer, load_gguf, resolve_model
-from adakv_jax.checkpoints.gguf import _open_reader, read_metadata
+from adakv_jax.checkpoints.gguf import read_metadata
 from tests.parity import tiny_hf
 
 TEXTS = [
@@ -39,7 +39,9 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smol_meta():
-  return read_metadata(_open_reader(resolve_model("smollm2-135m")))
+  import gguf
+
+  return read_metadata(gguf.GGUFReader(resolve_model("smollm2-135m")))
 
 
 @pytest.fixture(scope="module")

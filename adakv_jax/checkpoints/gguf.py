@@ -83,7 +83,8 @@ def _reader_class():
   return PlainArrayReader
 
 
-def _open_reader(path: Path):
+def open_reader(path: Path):
+  """A GGUF reader for PATH, after checks that name what is wrong with a file that is not one."""
   if not path.exists():
     raise CheckpointError(f"GGUF file {str(path)!r} does not exist")
   if not path.is_file():
@@ -175,7 +176,7 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelCon
   import gguf
 
   path = Path(path)
-  reader = _open_reader(path)
+  reader = open_reader(path)
   meta = read_metadata(reader)
   tensors = {t.name: t for t in reader.tensors}
   cfg = config_from_metadata(meta, tensors, dtype)
