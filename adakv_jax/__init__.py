@@ -19,3 +19,12 @@ from adakv_jax.nnx_model import LlamaNNX
 from adakv_jax.checkpoints import (CheckpointError, ContextMismatchError, Tokenizer, load_context, load_model,
                                    save_context, save_converted)
 from adakv_jax.press import PRESETS, Press, make_press
+
+__all__ = [
+    "PRESETS", "CacheCapacityError", "CachePlan", "CheckpointError", "CompressedContext", "ConfigError",
+    "ContextMismatchError", "GenerationResult", "LayerCache", "LlamaNNX", "ModelConfig", "PagedKVCache",
+    "PromptError", "Press", "RopeScaling", "Sampling", "Tokenizer", "answer_questions", "append", "append_kv",
+    "attend", "compress_context", "compress_prompt", "decode_step", "forward_full", "generate", "init_params",
+    "layer_of", "load_context", "load_model", "make_press", "plan_cache", "plan_layers", "prefill",
+    "save_context", "save_converted", "stack_layers", "window_queries",
+]

@@ -280,7 +280,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
   check_token_ids(prompts, cfg.vocab_size)
   rounds = _question_rounds(questions, len(prompts))
   for r in rounds or []:
-    check_token_ids(r, cfg.vocab_size, what=f"question")
+    check_token_ids(r, cfg.vocab_size, what="question")
   if mesh is not None:
     heads = press.cache_heads(cfg.num_heads, cfg.num_kv_heads) if press is not None else cfg.num_kv_heads
     sharding.check_fits(cfg, mesh, batch=len(prompts), cache_heads=heads)

@@ -180,7 +180,7 @@ def run_press(a, params, inputs, jobs, cell, k, press) -> dict:
     compiled = jobs[(cell, k)].result()
     jobs[(cell, k)] = None  # the executables can go once this cell has run
     return dict(row, compile_s=compiled["compile_s"], **run_cell(a, params, inputs, compiled))
-  except Exception as e:  # noqa: BLE001: a one-shot device run reports every failure and carries on
+  except Exception as e:  # noqa: BLE001 -- a one-shot device run reports every failure and carries on
     print(f"ctx {cell[0]} batch {cell[1]} {k}: FAILED {type(e).__name__}: {e}", flush=True)
     return dict(row, error=f"{type(e).__name__}: {str(e)[:2000]}")
 
