@@ -18,7 +18,6 @@ a larger tile leaves cache, a smaller one pays per-step overhead.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -58,8 +57,10 @@ def causal_prefill_attention(q_BHLD, k_BKLD, v_BKLD, len_B, *, chunk: int, with_
 
 def _check_shapes(q_BHLD, k_BKLD, v_BKLD, len_B, chunk):
   if q_BHLD.ndim != 4 or k_BKLD.ndim != 4 or v_BKLD.shape != k_BKLD.shape:
-    raise ValueError(f"expected q [B, H, L, D] and k, v [B, K, L, D] alike; got q {q_BHLD.shape}, "
-                     f"k {k_BKLD.shape}, v {v_BKLD.shape}")
+    raise ValueError(
+      f"expected q [B, H, L, D] and k, v [B, K, L, D] alike; got q {q_BHLD.shape}, "
+      f"k {k_BKLD.shape}, v {v_BKLD.shape}"
+    )
   b, h, l, d = q_BHLD.shape
   kb, kh, kl, kd = k_BKLD.shape
   if (kb, kl, kd) != (b, l, d):
@@ -88,8 +89,9 @@ class _Tiles:
     def step(colsum, xs):
       q_BKGTD, i = xs
       zeros = jnp.zeros(q_BKGTD.shape, self.out_dtype)
-      return lax.cond(i * self.t < start_of_padding, lambda: self.query_tile(q_BKGTD, i, colsum),
-                      lambda: (colsum, zeros))
+      return lax.cond(
+        i * self.t < start_of_padding, lambda: self.query_tile(q_BKGTD, i, colsum), lambda: (colsum, zeros)
+      )
 
     return lax.scan(step, colsum_NBKGT, (q_NBKGTD, jnp.arange(q_NBKGTD.shape[0])))
 
@@ -120,8 +122,9 @@ class _Tiles:
     return jnp.einsum("bkgqd,bkdt->bkgqt", q_BKGTD, self.k[j], preferred_element_type=jnp.float32)
 
   def pv(self, p_BKGTT, j):
-    return jnp.einsum("bkgqt,bktd->bkgqd", p_BKGTT.astype(self.v.dtype), self.v[j],
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum(
+      "bkgqt,bktd->bkgqd", p_BKGTT.astype(self.v.dtype), self.v[j], preferred_element_type=jnp.float32
+    )
 
   def online_step(self, carry, s, j):
     m, total, acc = carry
@@ -142,4 +145,5 @@ class _Tiles:
       p = jnp.exp((s - m[..., None]) * self.scale) * weight[..., None]
       col = lax.dynamic_index_in_dim(colsum_NBKGT, j, keepdims=False) + jnp.sum(p, axis=-2)
       return acc + self.pv(p, j), lax.dynamic_update_index_in_dim(colsum_NBKGT, col, j, 0)
+
     return step

@@ -17,7 +17,7 @@ Page tables hold page ids local to a mesh shard: the pool of a layer is split ev
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +35,10 @@ class CacheCapacityError(RuntimeError):
 
 def capacity_error(room_needed: int, room_left: int) -> CacheCapacityError:
   return CacheCapacityError(
-      f"KV cache capacity exhausted: {room_needed} more token(s) were asked for but the fullest head has "
-      f"room for {room_left}; reserve more room when the cache is made (max_new_tokens / question "
-      f"length, or CachePlan room)")
+    f"KV cache capacity exhausted: {room_needed} more token(s) were asked for but the fullest head has "
+    f"room for {room_left}; reserve more room when the cache is made (max_new_tokens / question "
+    f"length, or CachePlan room)"
+  )
 
 
 # ---- static sizing -----------------------------------------------------------------------------------
@@ -78,8 +79,16 @@ def pages_for(entries, page_size: int):
   return -(-entries // page_size)
 
 
-def plan_cache(num_layers: int, cache_heads: int, prompt_lens: Sequence[int], *, room: int, press=None,
-               page_size: int = DEFAULT_PAGE_SIZE, shards: tuple[int, int] = (1, 1)) -> CachePlan:
+def plan_cache(
+  num_layers: int,
+  cache_heads: int,
+  prompt_lens: Sequence[int],
+  *,
+  room: int,
+  press=None,
+  page_size: int = DEFAULT_PAGE_SIZE,
+  shards: tuple[int, int] = (1, 1),
+) -> CachePlan:
   """Sizes every layer's pool before prefill, from the entries the press keeps.
 
   Uniform allocation, page granularity and the full cache know each head's kept entries exactly, so
@@ -100,15 +109,22 @@ def plan_cache(num_layers: int, cache_heads: int, prompt_lens: Sequence[int], *,
     head_max = per_head
   else:
     if press.head_groups % model:
-      raise ValueError(f"press.head_groups={press.head_groups} must be a multiple of the mesh's model "
-                       f"shards ({model}): each shard selects within its own heads")
+      raise ValueError(
+        f"press.head_groups={press.head_groups} must be a multiple of the mesh's model "
+        f"shards ({model}): each shard selects within its own heads"
+      )
     group_pages, head_max = press.page_needs(num_layers, lens, cache_heads, room, page_size)
   # shard (d, m) holds data slice d's sequences and the head groups of model slice m
   g = group_pages.shape[-1]
   per_shard = group_pages.reshape(num_layers, data, b // data, model, g // model).sum(axis=(2, 4))
   layer_pages = tuple(int(data * model * max(int(per_shard[l].max()), 1)) for l in range(num_layers))
-  return CachePlan(page_size=page_size, layer_pages=layer_pages, max_pages=max(int(head_max.max()), 1),
-                   room=int(room), shards=shards)
+  return CachePlan(
+    page_size=page_size,
+    layer_pages=layer_pages,
+    max_pages=max(int(head_max.max()), 1),
+    room=int(room),
+    shards=shards,
+  )
 
 
 # ---- the cache pytree --------------------------------------------------------------------------------
@@ -145,8 +161,9 @@ class PagedKVCache:
     return sum(int(k.size) * k.dtype.itemsize for k in self.k_pages + self.v_pages)
 
   def metadata_bytes(self) -> int:
-    return sum(int(x.size) * x.dtype.itemsize for x in (self.page_table, self.num_pages, self.lengths,
-                                                        self.pos))
+    return sum(
+      int(x.size) * x.dtype.itemsize for x in (self.page_table, self.num_pages, self.lengths, self.pos)
+    )
 
   def kept_bytes(self) -> int:
     """Bytes of the live entries (one device read)."""
@@ -168,12 +185,12 @@ class PagedKVCache:
     if new_tokens > left:
       raise capacity_error(new_tokens, left)
 
-  def rollback(self, lengths: jax.Array, pos: jax.Array) -> "PagedKVCache":
+  def rollback(self, lengths: jax.Array, pos: jax.Array) -> PagedKVCache:
     """Forgets everything appended after a saved (lengths, pos): entries past a head's length are dead.
     Save them on the host (np.asarray): a device copy would be donated with the cache."""
     return self.replace(lengths=jnp.asarray(lengths, jnp.int32), pos=jnp.asarray(pos, jnp.int32))
 
-  def trim(self, shards: int = 1) -> "PagedKVCache":
+  def trim(self, shards: int = 1) -> PagedKVCache:
     """Drops the pool pages no head owns, so the pools hold exactly the pages in use (prefill assigns
     each shard's pages contiguously from its first page; `shards`: mesh shards the pools are split over).
     One device read; the result has new shapes, so a jitted step compiles once more for it."""
@@ -200,10 +217,13 @@ def empty_cache(plan: CachePlan, batch: int, heads: int, head_dim: int, dtype) -
   zeros = lambda n: jnp.zeros((n, plan.page_size, head_dim), dtype)
   layers = plan.num_layers
   return PagedKVCache(
-      k_pages=tuple(zeros(n) for n in plan.layer_pages), v_pages=tuple(zeros(n) for n in plan.layer_pages),
-      page_table=jnp.zeros((layers, batch, heads, plan.max_pages), jnp.int32),
-      num_pages=jnp.zeros((layers, batch, heads), jnp.int32),
-      lengths=jnp.zeros((layers, batch, heads), jnp.int32), pos=jnp.zeros((batch,), jnp.int32))
+    k_pages=tuple(zeros(n) for n in plan.layer_pages),
+    v_pages=tuple(zeros(n) for n in plan.layer_pages),
+    page_table=jnp.zeros((layers, batch, heads, plan.max_pages), jnp.int32),
+    num_pages=jnp.zeros((layers, batch, heads), jnp.int32),
+    lengths=jnp.zeros((layers, batch, heads), jnp.int32),
+    pos=jnp.zeros((batch,), jnp.int32),
+  )
 
 
 # ---- writing one layer's pages -----------------------------------------------------------------------
@@ -243,8 +263,17 @@ def page_owners(page_table_BHM: jax.Array, num_pages_BH: jax.Array, pool_pages: 
   return owner_N, index_N
 
 
-def write_prompt_pages(k_BKLD: jax.Array, v_BKLD: jax.Array, positions_BHC: jax.Array, kept_BH: jax.Array,
-                       *, pool_pages: int, page_size: int, max_pages: int, room: int):
+def write_prompt_pages(
+  k_BKLD: jax.Array,
+  v_BKLD: jax.Array,
+  positions_BHC: jax.Array,
+  kept_BH: jax.Array,
+  *,
+  pool_pages: int,
+  page_size: int,
+  max_pages: int,
+  room: int,
+):
   """One layer's pages from its full prompt K/V and each cache head's kept positions.
 
   Cache head h reads KV head h // (H / K) (H > K only at query-head granularity). Each head gets
@@ -305,8 +334,12 @@ def plan_for_lengths(lengths_LBH, *, room: int, page_size: int, max_pages: int |
   need = max(int(pages_LBH.max()), 1)
   if max_pages is not None and max_pages < need:
     raise ValueError(f"max_pages={max_pages} is fewer than the {need} pages the fullest head needs")
-  return CachePlan(page_size=page_size, layer_pages=tuple(max(int(n), 1) for n in pages_LBH.sum(axis=(1, 2))),
-                   max_pages=need if max_pages is None else int(max_pages), room=int(room))
+  return CachePlan(
+    page_size=page_size,
+    layer_pages=tuple(max(int(n), 1) for n in pages_LBH.sum(axis=(1, 2))),
+    max_pages=need if max_pages is None else int(max_pages),
+    room=int(room),
+  )
 
 
 def live_entries(cache: PagedKVCache):
@@ -321,22 +354,29 @@ def live_entries(cache: PagedKVCache):
     live_BHC = j_C[None, None, :] < lengths[l][..., None]
     page_BHC = table[l][..., np.minimum(j_C // p, table.shape[-1] - 1)]
     rows.append((page_BHC * p + j_C % p)[live_BHC])
-  k = [np.asarray(jax.device_get(cache.k_pages[l])).reshape(-1, cache.k_pages[l].shape[-1])[r]
-       for l, r in enumerate(rows)]
-  v = [np.asarray(jax.device_get(cache.v_pages[l])).reshape(-1, cache.v_pages[l].shape[-1])[r]
-       for l, r in enumerate(rows)]
+  k = [
+    np.asarray(jax.device_get(cache.k_pages[l])).reshape(-1, cache.k_pages[l].shape[-1])[r]
+    for l, r in enumerate(rows)
+  ]
+  v = [
+    np.asarray(jax.device_get(cache.v_pages[l])).reshape(-1, cache.v_pages[l].shape[-1])[r]
+    for l, r in enumerate(rows)
+  ]
   return np.concatenate(k), np.concatenate(v), lengths
 
 
-def cache_from_entries(k_ED, v_ED, lengths_LBH, pos_B, *, room: int, page_size: int,
-                       max_pages: int | None = None) -> PagedKVCache:
+def cache_from_entries(
+  k_ED, v_ED, lengths_LBH, pos_B, *, room: int, page_size: int, max_pages: int | None = None
+) -> PagedKVCache:
   """The inverse of `live_entries`: a cache holding those entries, laid out as prefill lays out a cache
   of these lengths (pages assigned contiguously, ceil((length + room) / P) per head, `plan_for_lengths`)."""
   lengths = np.asarray(lengths_LBH, np.int64)
   k_ED, v_ED = np.asarray(k_ED), np.asarray(v_ED)
   if k_ED.shape != v_ED.shape or k_ED.ndim != 2 or len(k_ED) != lengths.sum():
-    raise ValueError(f"packed keys {k_ED.shape} / values {v_ED.shape} must both be [E, D] with E = "
-                     f"{int(lengths.sum())}, the sum of the lengths")
+    raise ValueError(
+      f"packed keys {k_ED.shape} / values {v_ED.shape} must both be [E, D] with E = "
+      f"{int(lengths.sum())}, the sum of the lengths"
+    )
   plan = plan_for_lengths(lengths, room=room, page_size=page_size, max_pages=max_pages)
   starts = np.concatenate([[0], np.cumsum(lengths.reshape(-1))])[:-1].reshape(lengths.shape)
   ks, vs, tables, counts = [], [], [], []
@@ -346,22 +386,35 @@ def cache_from_entries(k_ED, v_ED, lengths_LBH, pos_B, *, room: int, page_size: 
     kept_BH = jnp.asarray(lengths[l], jnp.int32)
     positions_BHC = jnp.broadcast_to(jnp.asarray(j_C, jnp.int32), idx_BHC.shape)
     k_p, v_p, table, num_pages = write_prompt_pages(
-        jnp.asarray(k_ED[idx_BHC]), jnp.asarray(v_ED[idx_BHC]), positions_BHC, kept_BH,
-        pool_pages=plan.layer_pages[l], page_size=page_size, max_pages=plan.max_pages, room=room)
+      jnp.asarray(k_ED[idx_BHC]),
+      jnp.asarray(v_ED[idx_BHC]),
+      positions_BHC,
+      kept_BH,
+      pool_pages=plan.layer_pages[l],
+      page_size=page_size,
+      max_pages=plan.max_pages,
+      room=room,
+    )
     ks.append(k_p)
     vs.append(v_p)
     tables.append(table)
     counts.append(num_pages)
-  return PagedKVCache(k_pages=tuple(ks), v_pages=tuple(vs), page_table=jnp.stack(tables),
-                      num_pages=jnp.stack(counts), lengths=jnp.asarray(lengths, jnp.int32),
-                      pos=jnp.asarray(pos_B, jnp.int32))
+  return PagedKVCache(
+    k_pages=tuple(ks),
+    v_pages=tuple(vs),
+    page_table=jnp.stack(tables),
+    num_pages=jnp.stack(counts),
+    lengths=jnp.asarray(lengths, jnp.int32),
+    pos=jnp.asarray(pos_B, jnp.int32),
+  )
 
 
 def with_room(cache: PagedKVCache, room: int, max_pages: int | None = None) -> PagedKVCache:
   """The same live entries in a fresh exact layout with `room` free entries per head (single device)."""
   k, v, lengths = live_entries(cache)
-  return cache_from_entries(k, v, lengths, jax.device_get(cache.pos), room=room, page_size=cache.page_size,
-                            max_pages=max_pages)
+  return cache_from_entries(
+    k, v, lengths, jax.device_get(cache.pos), room=room, page_size=cache.page_size, max_pages=max_pages
+  )
 
 
 def cache_bytes_of(plan: CachePlan, head_dim: int, dtype) -> int:
@@ -369,7 +422,22 @@ def cache_bytes_of(plan: CachePlan, head_dim: int, dtype) -> int:
   return 2 * sum(plan.layer_pages) * plan.page_size * head_dim * jnp.dtype(dtype).itemsize
 
 
-__all__ = ["CacheCapacityError", "CachePlan", "PagedKVCache", "DEFAULT_PAGE_SIZE", "plan_cache",
-           "empty_cache", "assign_pages", "kept_positions", "page_owners", "write_prompt_pages",
-           "write_new_entries", "pages_for", "cache_bytes_of", "plan_for_lengths", "live_entries",
-           "cache_from_entries", "with_room"]
+__all__ = [
+  "CacheCapacityError",
+  "CachePlan",
+  "PagedKVCache",
+  "DEFAULT_PAGE_SIZE",
+  "plan_cache",
+  "empty_cache",
+  "assign_pages",
+  "kept_positions",
+  "page_owners",
+  "write_prompt_pages",
+  "write_new_entries",
+  "pages_for",
+  "cache_bytes_of",
+  "plan_for_lengths",
+  "live_entries",
+  "cache_from_entries",
+  "with_room",
+]

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -51,7 +52,8 @@ class ModelConfig:
   def __post_init__(self):
     if self.architecture not in SUPPORTED_ARCHITECTURES:
       raise ConfigError(
-          f"unknown architecture {self.architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        f"unknown architecture {self.architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+      )
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
     if self.dtype not in ("float32", "bfloat16"):
@@ -61,19 +63,20 @@ class ModelConfig:
   def group_size(self) -> int:
     return self.num_heads // self.num_kv_heads
 
-  def replace(self, **kw) -> "ModelConfig":
+  def replace(self, **kw) -> ModelConfig:
     return dataclasses.replace(self, **kw)
 
   @classmethod
-  def from_hf_dict(cls, cfg: Mapping[str, Any], dtype: str = "float32") -> "ModelConfig":
+  def from_hf_dict(cls, cfg: Mapping[str, Any], dtype: str = "float32") -> ModelConfig:
     """Reads a transformers config.json, in the 4.x (top-level rope_theta/rope_scaling) or 5.x
     (rope_parameters) layout."""
     model_type = cfg.get("model_type")
     arch = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}.get(model_type)
     if arch is None:
       raise ConfigError(
-          f"unknown architecture: model_type={model_type!r} (architectures={cfg.get('architectures')}); "
-          f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        f"unknown architecture: model_type={model_type!r} (architectures={cfg.get('architectures')}); "
+        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+      )
 
     def need(key):
       if key not in cfg:
@@ -93,11 +96,11 @@ class ModelConfig:
     scaling = None
     if rope_type == "llama3":
       scaling = RopeScaling(
-          kind="llama3",
-          factor=float(scaling_src["factor"]),
-          low_freq_factor=float(scaling_src.get("low_freq_factor", 1.0)),
-          high_freq_factor=float(scaling_src.get("high_freq_factor", 4.0)),
-          original_max_position_embeddings=int(scaling_src.get("original_max_position_embeddings", 8192)),
+        kind="llama3",
+        factor=float(scaling_src["factor"]),
+        low_freq_factor=float(scaling_src.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(scaling_src.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(scaling_src.get("original_max_position_embeddings", 8192)),
       )
     elif rope_type == "linear":
       scaling = RopeScaling(kind="linear", factor=float(scaling_src["factor"]))
@@ -105,26 +108,28 @@ class ModelConfig:
       raise ConfigError(f"unsupported rope scaling type {rope_type!r} (supported: llama3, linear)")
 
     eos = cfg.get("eos_token_id")
-    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])) if eos is not None else ()
+    eos_ids = (
+      tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])) if eos is not None else ()
+    )
     return cls(
-        architecture=arch,
-        vocab_size=int(need("vocab_size")),
-        hidden_size=hidden,
-        intermediate_size=int(need("intermediate_size")),
-        num_layers=int(need("num_hidden_layers")),
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(theta),
-        rope_scaling=scaling,
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
-        sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "mistral") else None,
-        bos_token_id=cfg.get("bos_token_id"),
-        eos_token_ids=eos_ids,
-        dtype=dtype,
+      architecture=arch,
+      vocab_size=int(need("vocab_size")),
+      hidden_size=hidden,
+      intermediate_size=int(need("intermediate_size")),
+      num_layers=int(need("num_hidden_layers")),
+      num_heads=heads,
+      num_kv_heads=kv_heads,
+      head_dim=head_dim,
+      rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+      rope_theta=float(theta),
+      rope_scaling=scaling,
+      max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+      tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+      attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+      sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "mistral") else None,
+      bos_token_id=cfg.get("bos_token_id"),
+      eos_token_ids=eos_ids,
+      dtype=dtype,
     )
 
 
@@ -141,7 +146,9 @@ def rope_frequencies(cfg: ModelConfig):
   low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
   high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
   wavelen = 2 * math.pi / inv
-  smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+  smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+    s.high_freq_factor - s.low_freq_factor
+  )
   scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
   medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
   return np.where(medium, (1 - smooth) * inv / s.factor + smooth * inv, scaled)

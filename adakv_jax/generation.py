@@ -13,7 +13,7 @@ import functools
 import math
 import numbers
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +26,11 @@ from adakv_jax.cache import DEFAULT_PAGE_SIZE, CacheCapacityError, PagedKVCache,
 from adakv_jax.config import ModelConfig
 from adakv_jax.params import param_dtype
 
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
+_COMPILE_EVENTS = (
+  "/jax/core/compile/jaxpr_trace_duration",
+  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+  "/jax/core/compile/backend_compile_duration",
+)
 _compile_seconds = [0.0]
 
 
@@ -72,9 +74,11 @@ class Sampling:
     if self.temperature < 0:
       raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
     if 0 < self.temperature < self.MIN_TEMPERATURE:
-      raise ValueError(f"temperature must be 0 (greedy) or >= {self.MIN_TEMPERATURE:g}, got "
-                       f"{self.temperature:g}: a near-zero temperature is greedy in effect, and below float32's "
-                       "smallest normal (~1e-38) it breaks sampling")
+      raise ValueError(
+        f"temperature must be 0 (greedy) or >= {self.MIN_TEMPERATURE:g}, got "
+        f"{self.temperature:g}: a near-zero temperature is greedy in effect, and below float32's "
+        "smallest normal (~1e-38) it breaks sampling"
+      )
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
@@ -94,12 +98,21 @@ def sample(logits_BV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Arra
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "backend"), donate_argnames=("cache",))
-def decode_step(params, tokens_B: jax.Array, cache: PagedKVCache, key: jax.Array, *, cfg: ModelConfig,
-                sampling: Sampling, backend: str = "auto"):
+def decode_step(
+  params,
+  tokens_B: jax.Array,
+  cache: PagedKVCache,
+  key: jax.Array,
+  *,
+  cfg: ModelConfig,
+  sampling: Sampling,
+  backend: str = "auto",
+):
   """One token per sequence -> (next token [B], logits [B, V], new cache). Does not check the room
   (cache.check_room does): a step past a head's pages drops its write."""
-  logits, cache = model_lib.append_step(params, tokens_B[:, None], jnp.ones_like(tokens_B), cache, cfg=cfg,
-                                        backend=backend)
+  logits, cache = model_lib.append_step(
+    params, tokens_B[:, None], jnp.ones_like(tokens_B), cache, cfg=cfg, backend=backend
+  )
   return sample(logits, key, sampling), logits, cache
 
 
@@ -118,20 +131,31 @@ class DecodeState:
   key: jax.Array
 
 
-def start_decode(first_B: jax.Array, cache: PagedKVCache, key: jax.Array, max_new_tokens: int,
-                 eos_ids: Sequence[int]) -> DecodeState:
+def start_decode(
+  first_B: jax.Array, cache: PagedKVCache, key: jax.Array, max_new_tokens: int, eos_ids: Sequence[int]
+) -> DecodeState:
   """The state after the first generated token (sampled from prefill's or the question's logits)."""
   b = first_B.shape[0]
   tokens = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first_B)
   done = jnp.isin(first_B, jnp.asarray(list(eos_ids) or [-1], jnp.int32)) | (max_new_tokens <= 1)
-  return DecodeState(tokens_BS=tokens, count_B=jnp.ones((b,), jnp.int32), last_B=first_B, done_B=done,
-                     cache=cache, key=key)
+  return DecodeState(
+    tokens_BS=tokens, count_B=jnp.ones((b,), jnp.int32), last_B=first_B, done_B=done, cache=cache, key=key
+  )
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "eos_ids", "steps", "backend"),
-                   donate_argnames=("state",))
-def decode_loop(params, state: DecodeState, *, cfg: ModelConfig, sampling: Sampling,
-                eos_ids: tuple[int, ...], steps: int, backend: str = "auto") -> DecodeState:
+@functools.partial(
+  jax.jit, static_argnames=("cfg", "sampling", "eos_ids", "steps", "backend"), donate_argnames=("state",)
+)
+def decode_loop(
+  params,
+  state: DecodeState,
+  *,
+  cfg: ModelConfig,
+  sampling: Sampling,
+  eos_ids: tuple[int, ...],
+  steps: int,
+  backend: str = "auto",
+) -> DecodeState:
   """Up to `steps` decode steps on device, stopping early once every sequence is done.
 
   A done sequence keeps stepping with its last token while others run (its writes land in room reserved
@@ -147,13 +171,15 @@ def decode_loop(params, state: DecodeState, *, cfg: ModelConfig, sampling: Sampl
   def body(carry):
     i, st = carry
     key, sub = jax.random.split(st.key)
-    logits, cache = model_lib.append_step(params, st.last_B[:, None], jnp.ones_like(st.last_B), st.cache,
-                                          cfg=cfg, backend=backend)
+    logits, cache = model_lib.append_step(
+      params, st.last_B[:, None], jnp.ones_like(st.last_B), st.cache, cfg=cfg, backend=backend
+    )
     tok = sample(logits, sub, sampling)
     live = ~st.done_B
     b = jnp.arange(tok.shape[0])
     tokens = st.tokens_BS.at[b, jnp.minimum(st.count_B, limit - 1)].set(
-        jnp.where(live, tok, st.tokens_BS[b, jnp.minimum(st.count_B, limit - 1)]))
+      jnp.where(live, tok, st.tokens_BS[b, jnp.minimum(st.count_B, limit - 1)])
+    )
     count = st.count_B + live.astype(jnp.int32)
     done = st.done_B | (live & jnp.isin(tok, eos)) | (count >= limit)
     last = jnp.where(live, tok, st.last_B)
@@ -203,7 +229,7 @@ def pad_rows(rows: Sequence[Sequence[int]], width: int | None = None) -> np.ndar
     raise ValueError(f"a row of {max(len(r) for r in rows)} tokens does not fit width {width}")
   out = np.zeros((len(rows), width), np.int32)
   for i, r in enumerate(rows):
-    out[i, :len(r)] = r
+    out[i, : len(r)] = r
   return out
 
 
@@ -212,13 +238,16 @@ def check_token_ids(seqs: Sequence[Sequence[int]], vocab_size: int, what: str = 
   for i, seq in enumerate(seqs):
     arr = np.asarray(seq)
     if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-      raise PromptError(f"{what} {i} must be a flat list of integer token ids, got {type(seq).__name__} of "
-                        f"dtype {arr.dtype}")
+      raise PromptError(
+        f"{what} {i} must be a flat list of integer token ids, got {type(seq).__name__} of dtype {arr.dtype}"
+      )
     bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
     if bad.size:
       j = int(bad[0])
-      raise PromptError(f"{what} {i}, position {j}: token id {int(arr[j])} is outside the vocabulary "
-                        f"[0, {vocab_size}) ({bad.size} such id(s))")
+      raise PromptError(
+        f"{what} {i}, position {j}: token id {int(arr[j])} is outside the vocabulary "
+        f"[0, {vocab_size}) ({bad.size} such id(s))"
+      )
 
 
 def _check_count(name: str, value, low: int) -> int:
@@ -252,12 +281,26 @@ def full_cache_bytes(cfg: ModelConfig, prompt_lens: Sequence[int], room: int, pa
   return 2 * cfg.num_layers * cfg.num_kv_heads * pages * page_size * cfg.head_dim * itemsize
 
 
-def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
-             press=None, sampling: Sampling = Sampling(), eos_token_ids: Sequence[int] | None = None,
-             questions=None, return_positions: bool = False, backend: str = "auto", seed: int = 0,
-             mesh=None, page_size: int = DEFAULT_PAGE_SIZE, trim: bool = True, progress: bool = False,
-             on_tokens: Callable[[list[list[int]]], None] | None = None,
-             stream_every: int = 16) -> GenerationResult:
+def generate(
+  params,
+  cfg: ModelConfig,
+  prompts: Sequence[Sequence[int]],
+  *,
+  max_new_tokens: int = 64,
+  press=None,
+  sampling: Sampling = Sampling(),
+  eos_token_ids: Sequence[int] | None = None,
+  questions=None,
+  return_positions: bool = False,
+  backend: str = "auto",
+  seed: int = 0,
+  mesh=None,
+  page_size: int = DEFAULT_PAGE_SIZE,
+  trim: bool = True,
+  progress: bool = False,
+  on_tokens: Callable[[list[list[int]]], None] | None = None,
+  stream_every: int = 16,
+) -> GenerationResult:
   """Runs a batch of prompts (any lengths) with an optional press.
 
   questions=None: question-aware (whatever question there is sits at the end of each prompt).
@@ -286,22 +329,40 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
     sharding.check_fits(cfg, mesh, batch=len(prompts), cache_heads=heads)
     if press is not None and press.head_groups % mesh.shape["model"]:
       if press.head_groups != 1:
-        raise ValueError(f"press.head_groups={press.head_groups} is not a multiple of the mesh's model "
-                         f"axis ({mesh.shape['model']})")
+        raise ValueError(
+          f"press.head_groups={press.head_groups} is not a multiple of the mesh's model "
+          f"axis ({mesh.shape['model']})"
+        )
       press = press.replace(head_groups=mesh.shape["model"])
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-    return _generate(params, cfg, prompts, max_new_tokens=max_new_tokens, press=press, sampling=sampling,
-                     eos_token_ids=eos_token_ids, rounds=rounds, return_positions=return_positions,
-                     backend=backend, seed=seed, mesh=mesh, page_size=page_size, trim=trim,
-                     progress=progress, on_tokens=on_tokens, stream_every=stream_every)
+    return _generate(
+      params,
+      cfg,
+      prompts,
+      max_new_tokens=max_new_tokens,
+      press=press,
+      sampling=sampling,
+      eos_token_ids=eos_token_ids,
+      rounds=rounds,
+      return_positions=return_positions,
+      backend=backend,
+      seed=seed,
+      mesh=mesh,
+      page_size=page_size,
+      trim=trim,
+      progress=progress,
+      on_tokens=on_tokens,
+      stream_every=stream_every,
+    )
 
 
 def _check_context_length(cfg: ModelConfig, lens, q_max: int, max_new_tokens: int) -> None:
   need = max(lens) + q_max + max_new_tokens
   if need > cfg.max_position_embeddings:
     raise PromptError(
-        f"prompt of {max(lens)} tokens + {q_max} question tokens + {max_new_tokens} new tokens = {need} "
-        f"exceeds the model's context of {cfg.max_position_embeddings} tokens")
+      f"prompt of {max(lens)} tokens + {q_max} question tokens + {max_new_tokens} new tokens = {need} "
+      f"exceeds the model's context of {cfg.max_position_embeddings} tokens"
+    )
 
 
 def _eos_ids(cfg: ModelConfig, eos_token_ids) -> tuple[int, ...]:
@@ -325,8 +386,9 @@ def _prefill(params, cfg, prompts, *, press, room, key, page_size, mesh, trim):
     tokens = jax.device_put(tokens, sharding.batch_sharding(mesh, 2))
     len_B = jax.device_put(len_B, sharding.batch_sharding(mesh, 1))
   with _stopwatch() as clock:
-    logits, cache, info = model_lib.prefill(params, tokens, len_B, key, cfg=cfg, press=press, plan=plan,
-                                            chunk=chunk)
+    logits, cache, info = model_lib.prefill(
+      params, tokens, len_B, key, cfg=cfg, press=press, plan=plan, chunk=chunk
+    )
     jax.block_until_ready(cache)
   info = sharding.to_host(info)
   if trim:
@@ -344,8 +406,9 @@ def _answer_rounds(run, params, cfg, cache: PagedKVCache, rounds, key, *, sampli
     t = max(len(q) for q in qs)
     q_BT = jnp.asarray(pad_rows(qs, t))
     with _stopwatch() as qclock:
-      logits, cache = model_lib.append(params, q_BT, jnp.asarray([len(q) for q in qs], jnp.int32), cache,
-                                       cfg=cfg, backend=backend)
+      logits, cache = model_lib.append(
+        params, q_BT, jnp.asarray([len(q) for q in qs], jnp.int32), cache, cfg=cfg, backend=backend
+      )
       jax.block_until_ready(logits)
     stats["compile_s"] += qclock["compile_s"]
     key, sub, loop_key = jax.random.split(key, 3)
@@ -354,9 +417,26 @@ def _answer_rounds(run, params, cfg, cache: PagedKVCache, rounds, key, *, sampli
   return answers, cache
 
 
-def _generate(params, cfg, prompts, *, max_new_tokens, press, sampling, eos_token_ids, rounds,
-              return_positions, backend, seed, mesh, page_size, trim, progress, on_tokens,
-              stream_every) -> GenerationResult:
+def _generate(
+  params,
+  cfg,
+  prompts,
+  *,
+  max_new_tokens,
+  press,
+  sampling,
+  eos_token_ids,
+  rounds,
+  return_positions,
+  backend,
+  seed,
+  mesh,
+  page_size,
+  trim,
+  progress,
+  on_tokens,
+  stream_every,
+) -> GenerationResult:
   lens = [len(p) for p in prompts]
   q_max = max((len(q) for r in rounds or [] for q in r), default=0)
   _check_context_length(cfg, lens, q_max, max_new_tokens)
@@ -365,52 +445,96 @@ def _generate(params, cfg, prompts, *, max_new_tokens, press, sampling, eos_toke
   room = q_max + max_new_tokens
   key = jax.random.PRNGKey(seed)
   key, pkey = jax.random.split(key)
-  logits, cache, info, prefill_s, compile_s = _prefill(params, cfg, prompts, press=press, room=room, key=pkey,
-                                                       page_size=page_size, mesh=mesh, trim=trim)
+  logits, cache, info, prefill_s, compile_s = _prefill(
+    params, cfg, prompts, press=press, room=room, key=pkey, page_size=page_size, mesh=mesh, trim=trim
+  )
   kept_bytes = int(np.sum(info["budgets"])) * cache.entry_bytes
   pages_used = cache.pages_used()
   stats = {"decode_s": 0.0, "tokens": 0, "compile_s": 0.0}
-  run = functools.partial(_decode, params, cfg=cfg, sampling=sampling, eos=eos, backend=backend,
-                          max_new_tokens=max_new_tokens, stats=stats, progress=progress,
-                          stream_every=stream_every)
+  run = functools.partial(
+    _decode,
+    params,
+    cfg=cfg,
+    sampling=sampling,
+    eos=eos,
+    backend=backend,
+    max_new_tokens=max_new_tokens,
+    stats=stats,
+    progress=progress,
+    stream_every=stream_every,
+  )
   answers = None
   if rounds is None:
     key, sub, loop_key = jax.random.split(key, 3)
     out, cache = run(sample(logits, sub, sampling), cache, loop_key, on_tokens=on_tokens)
   else:
-    answers, cache = _answer_rounds(run, params, cfg, cache, rounds, key, sampling=sampling, backend=backend,
-                                    stats=stats)
+    answers, cache = _answer_rounds(
+      run, params, cfg, cache, rounds, key, sampling=sampling, backend=backend, stats=stats
+    )
     out = answers[0]
-  return _result(cfg, cache, out, answers, lens=lens, room=room, page_size=page_size, kept_bytes=kept_bytes,
-                 pages_used=pages_used, prefill_s=prefill_s, compile_s=compile_s, stats=stats, info=info,
-                 press=press, notes=notes, return_positions=return_positions,
-                 final_logits=sharding.to_host(logits) if rounds is None else None)
+  return _result(
+    cfg,
+    cache,
+    out,
+    answers,
+    lens=lens,
+    room=room,
+    page_size=page_size,
+    kept_bytes=kept_bytes,
+    pages_used=pages_used,
+    prefill_s=prefill_s,
+    compile_s=compile_s,
+    stats=stats,
+    info=info,
+    press=press,
+    notes=notes,
+    return_positions=return_positions,
+    final_logits=sharding.to_host(logits) if rounds is None else None,
+  )
 
 
-def _result(cfg, cache, out, answers, *, lens, room, page_size, kept_bytes, pages_used, prefill_s, compile_s,
-            stats, info, press, notes, return_positions, final_logits) -> GenerationResult:
+def _result(
+  cfg,
+  cache,
+  out,
+  answers,
+  *,
+  lens,
+  room,
+  page_size,
+  kept_bytes,
+  pages_used,
+  prefill_s,
+  compile_s,
+  stats,
+  info,
+  press,
+  notes,
+  return_positions,
+  final_logits,
+) -> GenerationResult:
   entry = cache.entry_bytes
   return GenerationResult(
-      token_ids=out,
-      prompt_tokens=lens,
-      cache_bytes=cache.nbytes(),
-      kept_bytes=kept_bytes,
-      decode_room_bytes=cfg.num_layers * len(lens) * cache.num_heads * room * entry,
-      full_cache_bytes=full_cache_bytes(cfg, lens, room, page_size),
-      page_size=page_size,
-      pages_used=pages_used,
-      pages_allocated=cache.pages_allocated(),
-      prefill_s=prefill_s,
-      decode_s=stats["decode_s"],
-      decode_tokens_per_s=stats["tokens"] / stats["decode_s"] if stats["decode_s"] > 0 else float("nan"),
-      budgets=np.asarray(info["budgets"]),
-      retained_mass=np.asarray(info["retained_mass"]) if press is not None else None,
-      positions=np.asarray(info["positions"]) if return_positions else None,
-      notes=notes,
-      answers=answers,
-      final_logits=final_logits,
-      compile_s=compile_s + stats["compile_s"],
-      press=press,
+    token_ids=out,
+    prompt_tokens=lens,
+    cache_bytes=cache.nbytes(),
+    kept_bytes=kept_bytes,
+    decode_room_bytes=cfg.num_layers * len(lens) * cache.num_heads * room * entry,
+    full_cache_bytes=full_cache_bytes(cfg, lens, room, page_size),
+    page_size=page_size,
+    pages_used=pages_used,
+    pages_allocated=cache.pages_allocated(),
+    prefill_s=prefill_s,
+    decode_s=stats["decode_s"],
+    decode_tokens_per_s=stats["tokens"] / stats["decode_s"] if stats["decode_s"] > 0 else float("nan"),
+    budgets=np.asarray(info["budgets"]),
+    retained_mass=np.asarray(info["retained_mass"]) if press is not None else None,
+    positions=np.asarray(info["positions"]) if return_positions else None,
+    notes=notes,
+    answers=answers,
+    final_logits=final_logits,
+    compile_s=compile_s + stats["compile_s"],
+    press=press,
   )
 
 
@@ -438,8 +562,15 @@ class CompressedContext:
     return self.cache.page_size
 
 
-def compress_context(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, press, seed: int = 0,
-                     page_size: int = DEFAULT_PAGE_SIZE) -> CompressedContext:
+def compress_context(
+  params,
+  cfg: ModelConfig,
+  prompts: Sequence[Sequence[int]],
+  *,
+  press,
+  seed: int = 0,
+  page_size: int = DEFAULT_PAGE_SIZE,
+) -> CompressedContext:
   """The prefill and compression of `generate(..., questions=...)` alone (same seed, same kept entries),
   with no room reserved: save it (checkpoints.save_context) or answer with `answer_questions`."""
   if not prompts or any(len(p) == 0 for p in prompts):
@@ -448,18 +579,31 @@ def compress_context(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
   lens = [len(p) for p in prompts]
   _check_context_length(cfg, lens, 0, 0)
   _, pkey = jax.random.split(jax.random.PRNGKey(seed))
-  _, cache, info, prefill_s, _ = _prefill(params, cfg, prompts, press=press, room=0, key=pkey,
-                                          page_size=page_size, mesh=None, trim=True)
-  return CompressedContext(cache=cache, press=press, prompt_lens=lens,
-                           positions=np.asarray(info["positions"]),
-                           retained_mass=np.asarray(info["retained_mass"]) if press is not None else None,
-                           prefill_s=prefill_s)
+  _, cache, info, prefill_s, _ = _prefill(
+    params, cfg, prompts, press=press, room=0, key=pkey, page_size=page_size, mesh=None, trim=True
+  )
+  return CompressedContext(
+    cache=cache,
+    press=press,
+    prompt_lens=lens,
+    positions=np.asarray(info["positions"]),
+    retained_mass=np.asarray(info["retained_mass"]) if press is not None else None,
+    prefill_s=prefill_s,
+  )
 
 
-def answer_questions(params, cfg: ModelConfig, context: CompressedContext, questions, *,
-                     max_new_tokens: int = 64, sampling: Sampling = Sampling(),
-                     eos_token_ids: Sequence[int] | None = None, backend: str = "auto",
-                     seed: int = 0) -> GenerationResult:
+def answer_questions(
+  params,
+  cfg: ModelConfig,
+  context: CompressedContext,
+  questions,
+  *,
+  max_new_tokens: int = 64,
+  sampling: Sampling = Sampling(),
+  eos_token_ids: Sequence[int] | None = None,
+  backend: str = "auto",
+  seed: int = 0,
+) -> GenerationResult:
   """Each question against the compressed context, as `generate(..., questions=...)` answers it: the
   context is laid out as that run's cache (room for the longest question and the new tokens), so with
   the same press, seed and questions the answers are the same. prefill_s is the context's."""
@@ -480,21 +624,64 @@ def answer_questions(params, cfg: ModelConfig, context: CompressedContext, quest
   cache = with_room(context.cache, room, max_pages=plan.max_pages)
   kept_bytes, pages_used = cache.kept_bytes(), cache.pages_used()
   stats = {"decode_s": 0.0, "tokens": 0, "compile_s": 0.0}
-  run = functools.partial(_decode, params, cfg=cfg, sampling=sampling, eos=_eos_ids(cfg, eos_token_ids),
-                          backend=backend, max_new_tokens=max_new_tokens, stats=stats, progress=False,
-                          stream_every=max_new_tokens)
+  run = functools.partial(
+    _decode,
+    params,
+    cfg=cfg,
+    sampling=sampling,
+    eos=_eos_ids(cfg, eos_token_ids),
+    backend=backend,
+    max_new_tokens=max_new_tokens,
+    stats=stats,
+    progress=False,
+    stream_every=max_new_tokens,
+  )
   key, _ = jax.random.split(jax.random.PRNGKey(seed))  # the key generate has left after its prefill
-  answers, cache = _answer_rounds(run, params, cfg, cache, rounds, key, sampling=sampling, backend=backend,
-                                  stats=stats)
-  info = {"budgets": np.asarray(context.cache.lengths), "retained_mass": context.retained_mass,
-          "positions": context.positions}
-  return _result(cfg, cache, answers[0], answers, lens=lens, room=room, page_size=page_size,
-                 kept_bytes=kept_bytes, pages_used=pages_used, prefill_s=context.prefill_s, compile_s=0.0,
-                 stats=stats, info=info, press=press, notes=[], return_positions=True, final_logits=None)
+  answers, cache = _answer_rounds(
+    run, params, cfg, cache, rounds, key, sampling=sampling, backend=backend, stats=stats
+  )
+  info = {
+    "budgets": np.asarray(context.cache.lengths),
+    "retained_mass": context.retained_mass,
+    "positions": context.positions,
+  }
+  return _result(
+    cfg,
+    cache,
+    answers[0],
+    answers,
+    lens=lens,
+    room=room,
+    page_size=page_size,
+    kept_bytes=kept_bytes,
+    pages_used=pages_used,
+    prefill_s=context.prefill_s,
+    compile_s=0.0,
+    stats=stats,
+    info=info,
+    press=press,
+    notes=[],
+    return_positions=True,
+    final_logits=None,
+  )
 
 
-def _decode(params, first_B, cache, key, *, cfg, sampling, eos, backend, max_new_tokens, stats, progress,
-            stream_every, on_tokens):
+def _decode(
+  params,
+  first_B,
+  cache,
+  key,
+  *,
+  cfg,
+  sampling,
+  eos,
+  backend,
+  max_new_tokens,
+  stats,
+  progress,
+  stream_every,
+  on_tokens,
+):
   """The first token is given; the rest come from decode loops (one, or one per streamed chunk)."""
   from tqdm.auto import tqdm
 
@@ -510,8 +697,9 @@ def _decode(params, first_B, cache, key, *, cfg, sampling, eos, backend, max_new
     if done.all():
       break
     with _stopwatch() as clock:
-      state = decode_loop(params, state, cfg=cfg, sampling=sampling, eos_ids=eos, steps=chunk,
-                          backend=backend)
+      state = decode_loop(
+        params, state, cfg=cfg, sampling=sampling, eos_ids=eos, steps=chunk, backend=backend
+      )
       jax.block_until_ready(state.count_B)
     stats["decode_s"] += clock["run_s"]
     stats["compile_s"] += clock["compile_s"]
@@ -520,13 +708,27 @@ def _decode(params, first_B, cache, key, *, cfg, sampling, eos, backend, max_new
     bar.update(int(new_count.max() - count.max()))
     if on_tokens is not None:
       toks = sharding.to_host(state.tokens_BS)
-      on_tokens([toks[i, shown[i]:new_count[i]].tolist() for i in range(len(new_count))])
+      on_tokens([toks[i, shown[i] : new_count[i]].tolist() for i in range(len(new_count))])
       shown = new_count.copy()
   bar.close()
   toks, count = sharding.to_host((state.tokens_BS, state.count_B))
-  return [toks[i, :count[i]].tolist() for i in range(len(count))], state.cache
+  return [toks[i, : count[i]].tolist() for i in range(len(count))], state.cache
 
 
-__all__ = ["generate", "compress_context", "answer_questions", "CompressedContext", "decode_step",
-           "decode_loop", "start_decode", "DecodeState", "sample", "Sampling",
-           "GenerationResult", "PromptError", "CacheCapacityError", "full_cache_bytes", "check_token_ids"]
+__all__ = [
+  "generate",
+  "compress_context",
+  "answer_questions",
+  "CompressedContext",
+  "decode_step",
+  "decode_loop",
+  "start_decode",
+  "DecodeState",
+  "sample",
+  "Sampling",
+  "GenerationResult",
+  "PromptError",
+  "CacheCapacityError",
+  "full_cache_bytes",
+  "check_token_ids",
+]

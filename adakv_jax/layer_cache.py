@@ -15,15 +15,23 @@ layer of `PagedKVCache` (`layer_of`, `stack_layers` convert), so anything built 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from adakv_jax import press as press_lib
-from adakv_jax.cache import (DEFAULT_PAGE_SIZE, CachePlan, PagedKVCache, capacity_error, kept_positions,
-                             plan_cache, write_new_entries, write_prompt_pages)
+from adakv_jax.cache import (
+  DEFAULT_PAGE_SIZE,
+  CachePlan,
+  PagedKVCache,
+  capacity_error,
+  kept_positions,
+  plan_cache,
+  write_new_entries,
+  write_prompt_pages,
+)
 from pallas_kernels.paged_attention import paged_attention
 
 
@@ -56,8 +64,16 @@ class LayerCache:
       raise capacity_error(new_tokens, left)
 
 
-def plan_layers(press, num_layers: int, num_heads: int, num_kv_heads: int, prompt_lens: Sequence[int], *,
-                room: int, page_size: int = DEFAULT_PAGE_SIZE) -> CachePlan:
+def plan_layers(
+  press,
+  num_layers: int,
+  num_heads: int,
+  num_kv_heads: int,
+  prompt_lens: Sequence[int],
+  *,
+  room: int,
+  page_size: int = DEFAULT_PAGE_SIZE,
+) -> CachePlan:
   """Static pool sizes of every layer (cache.plan_cache) for a model with these head counts: room is the
   entries each head takes after the prompt (question and generated tokens). Host side, before jit."""
   if num_heads % num_kv_heads:
@@ -73,9 +89,18 @@ def window_queries(q_BHLD: jax.Array, len_B: jax.Array, window: int) -> jax.Arra
   return jnp.take_along_axis(q_BHLD, idx_BW[:, None, :, None], axis=2)
 
 
-def compress_prompt(press, q_win_BHWD: jax.Array | None, k_BKLD: jax.Array, v_BKLD: jax.Array,
-                    len_B: jax.Array, *, plan: CachePlan, layer: int, rng: jax.Array | None = None,
-                    colsum_BHL: jax.Array | None = None):
+def compress_prompt(
+  press,
+  q_win_BHWD: jax.Array | None,
+  k_BKLD: jax.Array,
+  v_BKLD: jax.Array,
+  len_B: jax.Array,
+  *,
+  plan: CachePlan,
+  layer: int,
+  rng: jax.Array | None = None,
+  colsum_BHL: jax.Array | None = None,
+):
   """Layer `layer`'s cache from its right-padded prompt K/V [B, K, L, D] and the prompt lengths [B].
 
   q_win_BHWD: the last W >= press.window queries of each prompt (`window_queries`), H a multiple of K;
@@ -92,8 +117,10 @@ def compress_prompt(press, q_win_BHWD: jax.Array | None, k_BKLD: jax.Array, v_BK
   if jnp.shape(len_B) != (b,):
     raise ValueError(f"len_B has shape {jnp.shape(len_B)}, expected [B={b}]")
   if plan.shards != (1, 1):
-    raise ValueError(f"compress_prompt writes a single-device pool; the plan is split over {plan.shards} "
-                     "mesh shards (use model.prefill on a mesh)")
+    raise ValueError(
+      f"compress_prompt writes a single-device pool; the plan is split over {plan.shards} "
+      "mesh shards (use model.prefill on a mesh)"
+    )
   if not 0 <= layer < plan.num_layers:
     raise ValueError(f"layer {layer} is outside the plan's {plan.num_layers} layers")
   len_B = jnp.asarray(len_B, jnp.int32)
@@ -104,21 +131,49 @@ def compress_prompt(press, q_win_BHWD: jax.Array | None, k_BKLD: jax.Array, v_BK
     units_B = press.layer_units(plan.num_layers, len_B, plan.page_size)[layer]
     if q_win_BHWD is None or q_win_BHWD.ndim != 4 or q_win_BHWD.shape[2] < press.window:
       shape = None if q_win_BHWD is None else q_win_BHWD.shape
-      raise ValueError(f"q_win_BHWD {shape} must hold the last >= {press.window} queries (the press's "
-                       "window) of each prompt, [B, H, W, D]")
-    q_win_BHWD = q_win_BHWD[:, :, q_win_BHWD.shape[2] - press.window:]
+      raise ValueError(
+        f"q_win_BHWD {shape} must hold the last >= {press.window} queries (the press's "
+        "window) of each prompt, [B, H, W, D]"
+      )
+    q_win_BHWD = q_win_BHWD[:, :, q_win_BHWD.shape[2] - press.window :]
     if press.needs_colsum and colsum_BHL is None:
-      raise ValueError(f"the {press.scorer} scorer needs colsum_BHL: attention summed over the prompt's "
-                       "queries [B, H, L]")
+      raise ValueError(
+        f"the {press.scorer} scorer needs colsum_BHL: attention summed over the prompt's queries [B, H, L]"
+      )
   cache, positions, info = select_and_write(
-      press, q_win_BHWD, k_BKLD, v_BKLD, colsum_BHL, len_B, units_B, rng,
-      pool_pages=plan.layer_pages[layer], page_size=plan.page_size, max_pages=plan.max_pages, room=plan.room,
-      groups=None if press is None else press.head_groups)
+    press,
+    q_win_BHWD,
+    k_BKLD,
+    v_BKLD,
+    colsum_BHL,
+    len_B,
+    units_B,
+    rng,
+    pool_pages=plan.layer_pages[layer],
+    page_size=plan.page_size,
+    max_pages=plan.max_pages,
+    room=plan.room,
+    groups=None if press is None else press.head_groups,
+  )
   return cache, dict(info, budgets=cache.lengths, positions=positions)
 
 
-def select_and_write(press, q_win_BHWD, k_BKLD, v_BKLD, colsum_BHL, len_B, units_B, rng, *,
-                     pool_pages: int, page_size: int, max_pages: int, room: int, groups: int | None):
+def select_and_write(
+  press,
+  q_win_BHWD,
+  k_BKLD,
+  v_BKLD,
+  colsum_BHL,
+  len_B,
+  units_B,
+  rng,
+  *,
+  pool_pages: int,
+  page_size: int,
+  max_pages: int,
+  room: int,
+  groups: int | None,
+):
   """The press's kept entries of one layer (every live entry with press=None) written into a pool of
   `pool_pages` pages: (LayerCache, kept positions [B, H', max_pages * P], press info)."""
   b, kh, n, _ = k_BKLD.shape
@@ -126,38 +181,58 @@ def select_and_write(press, q_win_BHWD, k_BKLD, v_BKLD, colsum_BHL, len_B, units
     live_BL = jnp.arange(n, dtype=jnp.int32)[None, :] < len_B[:, None]
     keep, info = jnp.broadcast_to(live_BL[:, None, :], (b, kh, n)), {}
   else:
-    keep, info = press_lib.select(press, q_win_BHWD, k_BKLD, len_B, units_B, page_size=page_size,
-                                  colsum_BHL=colsum_BHL if press.needs_colsum else None, rng=rng,
-                                  groups=groups)
+    keep, info = press_lib.select(
+      press,
+      q_win_BHWD,
+      k_BKLD,
+      len_B,
+      units_B,
+      page_size=page_size,
+      colsum_BHL=colsum_BHL if press.needs_colsum else None,
+      rng=rng,
+      groups=groups,
+    )
   positions, kept = kept_positions(keep, max_pages * page_size)
   k_pages, v_pages, table, num_pages = write_prompt_pages(
-      k_BKLD, v_BKLD, positions, kept, pool_pages=pool_pages, page_size=page_size, max_pages=max_pages,
-      room=room)
+    k_BKLD,
+    v_BKLD,
+    positions,
+    kept,
+    pool_pages=pool_pages,
+    page_size=page_size,
+    max_pages=max_pages,
+    room=room,
+  )
   cache = LayerCache(k_pages=k_pages, v_pages=v_pages, page_table=table, num_pages=num_pages, lengths=kept)
   return cache, positions, info
 
 
-def append_kv(cache: LayerCache, k_BKTD: jax.Array, v_BKTD: jax.Array,
-              n_valid_B: jax.Array | None = None) -> LayerCache:
+def append_kv(
+  cache: LayerCache, k_BKTD: jax.Array, v_BKTD: jax.Array, n_valid_B: jax.Array | None = None
+) -> LayerCache:
   """Writes each sequence's first n_valid_B (default all T) new keys/values [B, K, T, D] to every cache
   head and advances the lengths. K may be fewer than the cache heads H' (a query-head cache: each KV head
   serves H'/K of them). Writes past a head's pages are dropped: check the room first (check_room)."""
   b, kh, t, d = k_BKTD.shape
   hc = cache.num_heads
   if v_BKTD.shape != k_BKTD.shape or hc % kh or cache.lengths.shape[0] != b or cache.k_pages.shape[2] != d:
-    raise ValueError(f"new keys {k_BKTD.shape} / values {v_BKTD.shape} must be [B, K, T, D] with B = "
-                     f"{cache.lengths.shape[0]}, K dividing the {hc} cache heads and D = "
-                     f"{cache.k_pages.shape[2]}")
+    raise ValueError(
+      f"new keys {k_BKTD.shape} / values {v_BKTD.shape} must be [B, K, T, D] with B = "
+      f"{cache.lengths.shape[0]}, K dividing the {hc} cache heads and D = "
+      f"{cache.k_pages.shape[2]}"
+    )
   n_valid_B = _n_valid(n_valid_B, b, t)
   if hc != kh:
     k_BKTD, v_BKTD = jnp.repeat(k_BKTD, hc // kh, axis=1), jnp.repeat(v_BKTD, hc // kh, axis=1)
-  k_pages, v_pages = write_new_entries(cache.k_pages, cache.v_pages, cache.page_table, cache.lengths,
-                                       k_BKTD, v_BKTD, n_valid_B)
+  k_pages, v_pages = write_new_entries(
+    cache.k_pages, cache.v_pages, cache.page_table, cache.lengths, k_BKTD, v_BKTD, n_valid_B
+  )
   return cache.replace(k_pages=k_pages, v_pages=v_pages, lengths=cache.lengths + n_valid_B[:, None])
 
 
-def attend(cache: LayerCache, q_BHTD: jax.Array, n_valid_B: jax.Array | None = None, *,
-           backend: str = "auto") -> jax.Array:
+def attend(
+  cache: LayerCache, q_BHTD: jax.Array, n_valid_B: jax.Array | None = None, *, backend: str = "auto"
+) -> jax.Array:
   """Attention [B, H, T, D] of the T newest tokens' queries over each head's live entries, after
   `append_kv` wrote those tokens: token t of a sequence sees its head's entries up to and including its
   own (causal within the T). Queries past a sequence's n_valid_B give unspecified rows. H is a multiple
@@ -165,14 +240,23 @@ def attend(cache: LayerCache, q_BHTD: jax.Array, n_valid_B: jax.Array | None = N
   b, h, t, d = q_BHTD.shape
   hc = cache.num_heads
   if h % hc or cache.lengths.shape[0] != b or cache.k_pages.shape[2] != d:
-    raise ValueError(f"queries {q_BHTD.shape} must be [B, H, T, D] with B = {cache.lengths.shape[0]}, H a "
-                     f"multiple of the {hc} cache heads and D = {cache.k_pages.shape[2]}")
+    raise ValueError(
+      f"queries {q_BHTD.shape} must be [B, H, T, D] with B = {cache.lengths.shape[0]}, H a "
+      f"multiple of the {hc} cache heads and D = {cache.k_pages.shape[2]}"
+    )
   n_valid_B = _n_valid(n_valid_B, b, t)
   # the kernel's chunk of T rows ends at its length; padded tokens were not written, so end it at T
   lengths = cache.lengths - n_valid_B[:, None] + t
   # fresh pages are zeros and only model outputs are written: dead entries are finite
-  o = paged_attention(q_BHTD.reshape(b, hc, h // hc, t, d), cache.k_pages, cache.v_pages, cache.page_table,
-                      lengths, backend=backend, finite_dead=True)
+  o = paged_attention(
+    q_BHTD.reshape(b, hc, h // hc, t, d),
+    cache.k_pages,
+    cache.v_pages,
+    cache.page_table,
+    lengths,
+    backend=backend,
+    finite_dead=True,
+  )
   return o.reshape(b, h, t, d)
 
 
@@ -189,9 +273,13 @@ def _n_valid(n_valid_B, b: int, t: int) -> jax.Array:
 
 
 def layer_of(cache: PagedKVCache, layer: int) -> LayerCache:
-  return LayerCache(k_pages=cache.k_pages[layer], v_pages=cache.v_pages[layer],
-                    page_table=cache.page_table[layer], num_pages=cache.num_pages[layer],
-                    lengths=cache.lengths[layer])
+  return LayerCache(
+    k_pages=cache.k_pages[layer],
+    v_pages=cache.v_pages[layer],
+    page_table=cache.page_table[layer],
+    num_pages=cache.num_pages[layer],
+    lengths=cache.lengths[layer],
+  )
 
 
 def stack_layers(layers: Sequence[LayerCache], pos_B: jax.Array) -> PagedKVCache:
@@ -199,10 +287,24 @@ def stack_layers(layers: Sequence[LayerCache], pos_B: jax.Array) -> PagedKVCache
   if len({(c.page_table.shape, c.page_size) for c in layers}) != 1:
     raise ValueError("layers differ in page-table shape or page size: make them from one plan")
   stack = lambda name: jnp.stack([getattr(c, name) for c in layers])
-  return PagedKVCache(k_pages=tuple(c.k_pages for c in layers), v_pages=tuple(c.v_pages for c in layers),
-                      page_table=stack("page_table"), num_pages=stack("num_pages"), lengths=stack("lengths"),
-                      pos=jnp.asarray(pos_B, jnp.int32))
+  return PagedKVCache(
+    k_pages=tuple(c.k_pages for c in layers),
+    v_pages=tuple(c.v_pages for c in layers),
+    page_table=stack("page_table"),
+    num_pages=stack("num_pages"),
+    lengths=stack("lengths"),
+    pos=jnp.asarray(pos_B, jnp.int32),
+  )
 
 
-__all__ = ["LayerCache", "plan_layers", "window_queries", "compress_prompt", "append_kv", "attend",
-           "layer_of", "stack_layers", "select_and_write"]
+__all__ = [
+  "LayerCache",
+  "plan_layers",
+  "window_queries",
+  "compress_prompt",
+  "append_kv",
+  "attend",
+  "layer_of",
+  "stack_layers",
+  "select_and_write",
+]

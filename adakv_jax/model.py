@@ -22,16 +22,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from flax import struct
+from jax import lax
 
-from adakv_jax import sharding
-from adakv_jax import layer_cache
+from adakv_jax import layer_cache, sharding
 from adakv_jax.attention import causal_prefill_attention
 from adakv_jax.cache import CachePlan, PagedKVCache, capacity_error
 from adakv_jax.config import ModelConfig, rope_frequencies
+from adakv_jax.layer_cache import window_queries
 from adakv_jax.params import init_params, param_dtype  # noqa: F401  (init_params: part of this API)
-from adakv_jax.layer_cache import window_queries  # noqa: F401  (part of this API)
 
 Params = dict[str, Any]
 
@@ -118,8 +117,17 @@ class LayerOutputs:
   colsum_BHL: jax.Array | None  # attention summed over the valid queries (when the tap asks for it)
 
 
-def run_prefill(params: Params, tokens_BL: jax.Array, len_B: jax.Array, *, cfg: ModelConfig, chunk: int,
-                tap, tap_xs=None, all_hidden: bool = False):
+def run_prefill(
+  params: Params,
+  tokens_BL: jax.Array,
+  len_B: jax.Array,
+  *,
+  cfg: ModelConfig,
+  chunk: int,
+  tap,
+  tap_xs=None,
+  all_hidden: bool = False,
+):
   """The scan over layers. tap(layer_inputs_xs, LayerOutputs) -> per-layer outputs (stacked by the scan);
   tap_xs: a pytree with a leading layer axis handed to the tap layer by layer (budgets, keys).
 
@@ -139,8 +147,9 @@ def run_prefill(params: Params, tokens_BL: jax.Array, len_B: jax.Array, *, cfg: 
     x = attention_output_and_mlp(lp, x, o, cfg)
     if tap is None:
       return x, None
-    out = LayerOutputs(q_win_BHWD=window_queries(q, len_B, window) if window else None, k_BKLD=k, v_BKLD=v,
-                       colsum_BHL=colsum)
+    out = LayerOutputs(
+      q_win_BHWD=window_queries(q, len_B, window) if window else None, k_BKLD=k, v_BKLD=v, colsum_BHL=colsum
+    )
     return x, tap(extra, out)
 
   x, ys = lax.scan(layer, x, (params["layers"], tap_xs))
@@ -195,19 +204,51 @@ def layer_pages(cfg: ModelConfig, press, plan: CachePlan, out: LayerOutputs, len
   def local(q_win, k, v, colsum, len_B, units_B):
     groups = None if press is None else press.head_groups // plan.shards[1]
     cache, positions, info = layer_cache.select_and_write(
-        press, q_win, k, v, colsum, len_B, units_B, rng, pool_pages=pool_pages, page_size=plan.page_size,
-        max_pages=plan.max_pages, room=plan.room, groups=groups)
-    return dict(k_pages=cache.k_pages, v_pages=cache.v_pages, page_table=cache.page_table,
-                num_pages=cache.num_pages, lengths=cache.lengths, positions=positions, info=info)
+      press,
+      q_win,
+      k,
+      v,
+      colsum,
+      len_B,
+      units_B,
+      rng,
+      pool_pages=pool_pages,
+      page_size=plan.page_size,
+      max_pages=plan.max_pages,
+      room=plan.room,
+      groups=groups,
+    )
+    return dict(
+      k_pages=cache.k_pages,
+      v_pages=cache.v_pages,
+      page_table=cache.page_table,
+      num_pages=cache.num_pages,
+      lengths=cache.lengths,
+      positions=positions,
+      info=info,
+    )
 
   info_axes = {} if press is None else {"budgets": ("batch", "kv_heads"), "retained_mass": ("batch",)}
   fn = sharding.per_shard(
-      local,
-      in_axes=(("batch", "heads", None, None), ("batch", "kv_heads", None, None),
-               ("batch", "kv_heads", None, None), ("batch", "heads", None), ("batch",), ("batch",)),
-      out_axes=dict(k_pages=("pages", None, None), v_pages=("pages", None, None),
-                    page_table=("batch", "kv_heads", None), num_pages=("batch", "kv_heads"),
-                    lengths=("batch", "kv_heads"), positions=("batch", "kv_heads", None), info=info_axes))
+    local,
+    in_axes=(
+      ("batch", "heads", None, None),
+      ("batch", "kv_heads", None, None),
+      ("batch", "kv_heads", None, None),
+      ("batch", "heads", None),
+      ("batch",),
+      ("batch",),
+    ),
+    out_axes=dict(
+      k_pages=("pages", None, None),
+      v_pages=("pages", None, None),
+      page_table=("batch", "kv_heads", None),
+      num_pages=("batch", "kv_heads"),
+      lengths=("batch", "kv_heads"),
+      positions=("batch", "kv_heads", None),
+      info=info_axes,
+    ),
+  )
   b = out.k_BKLD.shape[0]
   colsum = out.colsum_BHL if out.colsum_BHL is not None else jnp.zeros((b, cfg.num_heads, 1), jnp.float32)
   q_win = out.q_win_BHWD
@@ -217,8 +258,17 @@ def layer_pages(cfg: ModelConfig, press, plan: CachePlan, out: LayerOutputs, len
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "press", "plan", "chunk"))
-def prefill(params: Params, tokens_BL: jax.Array, len_B: jax.Array, rng: jax.Array, *, cfg: ModelConfig,
-            press=None, plan: CachePlan, chunk: int):
+def prefill(
+  params: Params,
+  tokens_BL: jax.Array,
+  len_B: jax.Array,
+  rng: jax.Array,
+  *,
+  cfg: ModelConfig,
+  press=None,
+  plan: CachePlan,
+  chunk: int,
+):
   """Prefill a right-padded batch into a paged cache sized by `plan` (cache.plan_cache).
 
   Returns (last-token logits [B, V], PagedKVCache, info) with info["budgets"] [L, B, H'] (kept entries per
@@ -229,8 +279,11 @@ def prefill(params: Params, tokens_BL: jax.Array, len_B: jax.Array, rng: jax.Arr
     raise ValueError(f"the padded prompt length {tokens_BL.shape[1]} must be a multiple of chunk {chunk}")
   if press is not None:
     press.check_page_size(plan.page_size)
-  units_LB = (press.layer_units(cfg.num_layers, len_B, plan.page_size) if press is not None
-              else jnp.zeros((cfg.num_layers, tokens_BL.shape[0]), jnp.int32))
+  units_LB = (
+    press.layer_units(cfg.num_layers, len_B, plan.page_size)
+    if press is not None
+    else jnp.zeros((cfg.num_layers, tokens_BL.shape[0]), jnp.int32)
+  )
   b = tokens_BL.shape[0]
   tap = PagesTap(cfg=cfg, press=press, plan=plan)
   tap_xs = (jnp.broadcast_to(len_B, (cfg.num_layers, b)), units_LB, jax.random.split(rng, cfg.num_layers))
@@ -241,15 +294,19 @@ def prefill(params: Params, tokens_BL: jax.Array, len_B: jax.Array, rng: jax.Arr
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "press", "plan"))
-def cache_from_capture(captured: LayerOutputs, len_B: jax.Array, rng: jax.Array, *, cfg: ModelConfig, press,
-                       plan: CachePlan):
+def cache_from_capture(
+  captured: LayerOutputs, len_B: jax.Array, rng: jax.Array, *, cfg: ModelConfig, press, plan: CachePlan
+):
   """The (cache, info) `prefill` would return with this press and plan, from one `CaptureTap` prefill:
   prefill attention never depends on the press, so one capture serves a whole grid of presses."""
   if press is not None:
     press.check_page_size(plan.page_size)
   b = captured.k_BKLD.shape[1]
-  units_LB = (press.layer_units(cfg.num_layers, len_B, plan.page_size) if press is not None
-              else jnp.zeros((cfg.num_layers, b), jnp.int32))
+  units_LB = (
+    press.layer_units(cfg.num_layers, len_B, plan.page_size)
+    if press is not None
+    else jnp.zeros((cfg.num_layers, b), jnp.int32)
+  )
   tap = PagesTap(cfg=cfg, press=press, plan=plan)
   window = tap.window
 
@@ -258,9 +315,11 @@ def cache_from_capture(captured: LayerOutputs, len_B: jax.Array, rng: jax.Array,
     if window:
       q_win = out.q_win_BHWD
       if q_win is None or q_win.shape[2] < window:
-        raise ValueError(f"the capture holds {0 if q_win is None else q_win.shape[2]} window queries; the "
-                         f"press needs {window}: capture with CaptureTap(window >= {window})")
-      out = out.replace(q_win_BHWD=q_win[:, :, q_win.shape[2] - window:])
+        raise ValueError(
+          f"the capture holds {0 if q_win is None else q_win.shape[2]} window queries; the "
+          f"press needs {window}: capture with CaptureTap(window >= {window})"
+        )
+      out = out.replace(q_win_BHWD=q_win[:, :, q_win.shape[2] - window :])
     if tap.with_colsum and out.colsum_BHL is None:
       raise ValueError("the press scores with column sums (H2O): capture with CaptureTap(with_colsum=True)")
     return None, tap((len_B, units_B, key), out)
@@ -283,17 +342,28 @@ def cache_from_layers(ys, plan: CachePlan, len_B) -> PagedKVCache:
     return x.reshape(shards * n_loc, *x.shape[2:])
 
   return PagedKVCache(
-      k_pages=tuple(cut(ys["k_pages"], l) for l in range(plan.num_layers)),
-      v_pages=tuple(cut(ys["v_pages"], l) for l in range(plan.num_layers)),
-      page_table=ys["page_table"], num_pages=ys["num_pages"], lengths=ys["lengths"].astype(jnp.int32),
-      pos=jnp.asarray(len_B, jnp.int32) + 0)
+    k_pages=tuple(cut(ys["k_pages"], l) for l in range(plan.num_layers)),
+    v_pages=tuple(cut(ys["v_pages"], l) for l in range(plan.num_layers)),
+    page_table=ys["page_table"],
+    num_pages=ys["num_pages"],
+    lengths=ys["lengths"].astype(jnp.int32),
+    pos=jnp.asarray(len_B, jnp.int32) + 0,
+  )
 
 
 # ---- append: T new tokens against the cache -----------------------------------------------------------
 
 
-def append(params: Params, tokens_BT: jax.Array, n_valid_B: jax.Array, cache: PagedKVCache, *,
-           cfg: ModelConfig, backend: str = "auto", all_logits: bool = False):
+def append(
+  params: Params,
+  tokens_BT: jax.Array,
+  n_valid_B: jax.Array,
+  cache: PagedKVCache,
+  *,
+  cfg: ModelConfig,
+  backend: str = "auto",
+  all_logits: bool = False,
+):
   """Feed T new tokens (right-padded; n_valid_B real ones per sequence) against the cache.
 
   Returns (logits of each sequence's last real new token [B, V] -- or of every new token [B, T, V] with
@@ -307,13 +377,28 @@ def append(params: Params, tokens_BT: jax.Array, n_valid_B: jax.Array, cache: Pa
   left = cache.room_left()
   if tokens_BT.shape[1] > left:
     raise capacity_error(tokens_BT.shape[1], left)
-  return append_step(params, tokens_BT, jnp.asarray(n_valid_B, jnp.int32), cache, cfg=cfg, backend=backend,
-                     all_logits=all_logits)
+  return append_step(
+    params,
+    tokens_BT,
+    jnp.asarray(n_valid_B, jnp.int32),
+    cache,
+    cfg=cfg,
+    backend=backend,
+    all_logits=all_logits,
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "backend", "all_logits"), donate_argnames=("cache",))
-def append_step(params: Params, tokens_BT: jax.Array, n_valid_B: jax.Array, cache: PagedKVCache, *,
-                cfg: ModelConfig, backend: str = "auto", all_logits: bool = False):
+def append_step(
+  params: Params,
+  tokens_BT: jax.Array,
+  n_valid_B: jax.Array,
+  cache: PagedKVCache,
+  *,
+  cfg: ModelConfig,
+  backend: str = "auto",
+  all_logits: bool = False,
+):
   """`append` without the host-side room check (for loops that reserved the room, like `generate`):
   writes past a head's pages are dropped, not raised."""
   x_BTE, cache = _append_layers(params, tokens_BT, n_valid_B, cache, cfg, backend)
@@ -330,10 +415,20 @@ def _append_layers(params, tokens_BT, n_valid_B, cache: PagedKVCache, cfg: Model
   x = params["embed"][tokens_BT].astype(param_dtype(cfg))
   attend = functools.partial(_write_and_attend, backend=backend)
   attend = sharding.per_shard(
-      attend, in_axes=(("batch", "heads", None, None), ("pages", None, None), ("pages", None, None),
-                       ("batch", "kv_heads", None), ("batch", "kv_heads"), ("batch", "kv_heads"),
-                       ("batch", "kv_heads", None, None), ("batch", "kv_heads", None, None), ("batch",)),
-      out_axes=(("batch", "heads", None, None), ("pages", None, None), ("pages", None, None)))
+    attend,
+    in_axes=(
+      ("batch", "heads", None, None),
+      ("pages", None, None),
+      ("pages", None, None),
+      ("batch", "kv_heads", None),
+      ("batch", "kv_heads"),
+      ("batch", "kv_heads"),
+      ("batch", "kv_heads", None, None),
+      ("batch", "kv_heads", None, None),
+      ("batch",),
+    ),
+    out_axes=(("batch", "heads", None, None), ("pages", None, None), ("pages", None, None)),
+  )
   k_pages, v_pages = list(cache.k_pages), list(cache.v_pages)
   for i in range(cfg.num_layers):
     lp = jax.tree.map(lambda a: a[i], params["layers"])
@@ -341,20 +436,26 @@ def _append_layers(params, tokens_BT, n_valid_B, cache: PagedKVCache, cfg: Model
     if hc != cfg.num_kv_heads:  # query-head granularity: one cache head per query head
       k = jnp.repeat(k, hc // cfg.num_kv_heads, axis=1)
       v = jnp.repeat(v, hc // cfg.num_kv_heads, axis=1)
-    o, k_pages[i], v_pages[i] = attend(q, k_pages[i], v_pages[i], cache.page_table[i], cache.num_pages[i],
-                                       cache.lengths[i], k, v, n_valid_B)
+    o, k_pages[i], v_pages[i] = attend(
+      q, k_pages[i], v_pages[i], cache.page_table[i], cache.num_pages[i], cache.lengths[i], k, v, n_valid_B
+    )
     x = attention_output_and_mlp(lp, x, o, cfg)
-  new = cache.replace(k_pages=tuple(k_pages), v_pages=tuple(v_pages),
-                      lengths=cache.lengths + n_valid_B[None, :, None].astype(jnp.int32),
-                      pos=cache.pos + n_valid_B.astype(jnp.int32))
+  new = cache.replace(
+    k_pages=tuple(k_pages),
+    v_pages=tuple(v_pages),
+    lengths=cache.lengths + n_valid_B[None, :, None].astype(jnp.int32),
+    pos=cache.pos + n_valid_B.astype(jnp.int32),
+  )
   return x, new
 
 
-def _write_and_attend(q_BHTD, k_pages, v_pages, table_BKM, num_pages_BK, len_BK, k_BKTD, v_BKTD, n_valid_B,
-                      *, backend):
+def _write_and_attend(
+  q_BHTD, k_pages, v_pages, table_BKM, num_pages_BK, len_BK, k_BKTD, v_BKTD, n_valid_B, *, backend
+):
   """One layer of a shard: write the T new entries, then attend over each head's live entries."""
-  cache = layer_cache.LayerCache(k_pages=k_pages, v_pages=v_pages, page_table=table_BKM,
-                                 num_pages=num_pages_BK, lengths=len_BK)
+  cache = layer_cache.LayerCache(
+    k_pages=k_pages, v_pages=v_pages, page_table=table_BKM, num_pages=num_pages_BK, lengths=len_BK
+  )
   cache = layer_cache.append_kv(cache, k_BKTD, v_BKTD, n_valid_B)
   o = layer_cache.attend(cache, q_BHTD, n_valid_B, backend=backend)
   return o, cache.k_pages, cache.v_pages

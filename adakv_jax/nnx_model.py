@@ -38,26 +38,38 @@ class LlamaNNX(nnx.Module):
     self.lm_head = nnx.Param(params["lm_head"]) if "lm_head" in params else None
 
   @classmethod
-  def from_params(cls, cfg: ModelConfig, params: dict) -> "LlamaNNX":
+  def from_params(cls, cfg: ModelConfig, params: dict) -> LlamaNNX:
     return cls(cfg, params=params)
 
   @property
   def params(self) -> dict:
     """The functional params pytree (the Params' current values)."""
-    tree = {"embed": self.embed[...], "layers": {k: p[...] for k, p in self.layers.items()},
-            "final_norm": self.final_norm[...]}
+    tree = {
+      "embed": self.embed[...],
+      "layers": {k: p[...] for k, p in self.layers.items()},
+      "final_norm": self.final_norm[...],
+    }
     if self.lm_head is not None:
       tree["lm_head"] = self.lm_head[...]
     return tree
 
-  def prefill(self, tokens_BL: jax.Array, len_B: jax.Array, rng: jax.Array, *, press, plan: CachePlan,
-              chunk: int):
+  def prefill(
+    self, tokens_BL: jax.Array, len_B: jax.Array, rng: jax.Array, *, press, plan: CachePlan, chunk: int
+  ):
     """model.prefill: (last-token logits [B, V], PagedKVCache, info) for a right-padded batch."""
-    return model_lib.prefill(self.params, tokens_BL, len_B, rng, cfg=self.cfg, press=press, plan=plan,
-                             chunk=chunk)
+    return model_lib.prefill(
+      self.params, tokens_BL, len_B, rng, cfg=self.cfg, press=press, plan=plan, chunk=chunk
+    )
 
-  def __call__(self, tokens_BT: jax.Array, cache: PagedKVCache, n_valid_B: jax.Array | None = None, *,
-               backend: str = "auto", all_logits: bool = False):
+  def __call__(
+    self,
+    tokens_BT: jax.Array,
+    cache: PagedKVCache,
+    n_valid_B: jax.Array | None = None,
+    *,
+    backend: str = "auto",
+    all_logits: bool = False,
+  ):
     """model.append_step: T new tokens (n_valid_B real ones, default all) -> (logits, cache).
 
     The cache is donated when called outside a jit (use the returned one). No host-side room check, so it
@@ -65,8 +77,15 @@ class LlamaNNX(nnx.Module):
     tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
     if n_valid_B is None:
       n_valid_B = jnp.full((tokens_BT.shape[0],), tokens_BT.shape[1], jnp.int32)
-    return model_lib.append_step(self.params, tokens_BT, jnp.asarray(n_valid_B, jnp.int32), cache,
-                                 cfg=self.cfg, backend=backend, all_logits=all_logits)
+    return model_lib.append_step(
+      self.params,
+      tokens_BT,
+      jnp.asarray(n_valid_B, jnp.int32),
+      cache,
+      cfg=self.cfg,
+      backend=backend,
+      all_logits=all_logits,
+    )
 
   def forward_full(self, tokens_BL: jax.Array) -> jax.Array:
     """model.forward_full: logits [B, L, V] of an unpadded batch, no cache."""

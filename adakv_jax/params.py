@@ -13,7 +13,7 @@ a leading "layers" axis for lax.scan.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,12 +24,12 @@ from adakv_jax.config import ModelConfig
 def axis_sizes(cfg: ModelConfig) -> dict[str, int]:
   """Size of each logical axis a parameter has; "heads"/"kv_heads" are flattened heads * head_dim."""
   return {
-      "layers": cfg.num_layers,
-      "embed": cfg.hidden_size,
-      "heads": cfg.num_heads * cfg.head_dim,
-      "kv_heads": cfg.num_kv_heads * cfg.head_dim,
-      "mlp": cfg.intermediate_size,
-      "vocab": cfg.vocab_size,
+    "layers": cfg.num_layers,
+    "embed": cfg.hidden_size,
+    "heads": cfg.num_heads * cfg.head_dim,
+    "kv_heads": cfg.num_kv_heads * cfg.head_dim,
+    "mlp": cfg.intermediate_size,
+    "vocab": cfg.vocab_size,
   }
 
 
@@ -84,22 +84,28 @@ def _layer(key: str, axes: tuple[str, ...], hf_suffix: str, **kw) -> Param:
 
 
 PARAMS: tuple[Param, ...] = (
-    Param(("embed",), ("vocab", "embed"), "model.embed_tokens.weight", init_std=50.0),
-    _layer("attn_norm", ("embed",), "input_layernorm.weight", init_std=None),
-    _layer("wq", ("embed", "heads"), "self_attn.q_proj.weight", transposed=True),
-    _layer("wk", ("embed", "kv_heads"), "self_attn.k_proj.weight", transposed=True),
-    _layer("wv", ("embed", "kv_heads"), "self_attn.v_proj.weight", transposed=True),
-    _layer("wo", ("heads", "embed"), "self_attn.o_proj.weight", transposed=True),
-    _layer("bq", ("heads",), "self_attn.q_proj.bias", present=_biased),
-    _layer("bk", ("kv_heads",), "self_attn.k_proj.bias", present=_biased),
-    _layer("bv", ("kv_heads",), "self_attn.v_proj.bias", present=_biased),
-    _layer("mlp_norm", ("embed",), "post_attention_layernorm.weight", init_std=None),
-    _layer("w_gate", ("embed", "mlp"), "mlp.gate_proj.weight", transposed=True),
-    _layer("w_up", ("embed", "mlp"), "mlp.up_proj.weight", transposed=True),
-    _layer("w_down", ("mlp", "embed"), "mlp.down_proj.weight", transposed=True),
-    Param(("final_norm",), ("embed",), "model.norm.weight", init_std=None),
-    Param(("lm_head",), ("embed", "vocab"), "lm_head.weight", transposed=True, present=_untied,
-          tolerated_when_absent=True),
+  Param(("embed",), ("vocab", "embed"), "model.embed_tokens.weight", init_std=50.0),
+  _layer("attn_norm", ("embed",), "input_layernorm.weight", init_std=None),
+  _layer("wq", ("embed", "heads"), "self_attn.q_proj.weight", transposed=True),
+  _layer("wk", ("embed", "kv_heads"), "self_attn.k_proj.weight", transposed=True),
+  _layer("wv", ("embed", "kv_heads"), "self_attn.v_proj.weight", transposed=True),
+  _layer("wo", ("heads", "embed"), "self_attn.o_proj.weight", transposed=True),
+  _layer("bq", ("heads",), "self_attn.q_proj.bias", present=_biased),
+  _layer("bk", ("kv_heads",), "self_attn.k_proj.bias", present=_biased),
+  _layer("bv", ("kv_heads",), "self_attn.v_proj.bias", present=_biased),
+  _layer("mlp_norm", ("embed",), "post_attention_layernorm.weight", init_std=None),
+  _layer("w_gate", ("embed", "mlp"), "mlp.gate_proj.weight", transposed=True),
+  _layer("w_up", ("embed", "mlp"), "mlp.up_proj.weight", transposed=True),
+  _layer("w_down", ("mlp", "embed"), "mlp.down_proj.weight", transposed=True),
+  Param(("final_norm",), ("embed",), "model.norm.weight", init_std=None),
+  Param(
+    ("lm_head",),
+    ("embed", "vocab"),
+    "lm_head.weight",
+    transposed=True,
+    present=_untied,
+    tolerated_when_absent=True,
+  ),
 )
 _BY_PATH = {p.path: p for p in PARAMS}
 
@@ -108,8 +114,10 @@ def param_at(path: Sequence[str]) -> Param:
   """The row for a params-pytree key path, e.g. ("layers", "wq")."""
   path = tuple(path)
   if path not in _BY_PATH:
-    raise KeyError(f"params{''.join(f'[{k!r}]' for k in path)} is not a parameter of the model "
-                   f"(known: {', '.join('/'.join(p) for p in _BY_PATH)})")
+    raise KeyError(
+      f"params{''.join(f'[{k!r}]' for k in path)} is not a parameter of the model "
+      f"(known: {', '.join('/'.join(p) for p in _BY_PATH)})"
+    )
   return _BY_PATH[path]
 
 

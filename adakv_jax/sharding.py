@@ -10,27 +10,28 @@ page tables hold ids local to that slice.
 from __future__ import annotations
 
 import jax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from adakv_jax import params as params_lib
 from adakv_jax.cache import PagedKVCache
 from adakv_jax.config import ModelConfig
 
 LOGICAL_TO_MESH = {
-    "batch": "data",
-    "heads": "model",  # query heads (and flattened heads * head_dim)
-    "kv_heads": "model",  # cache heads
-    "mlp": "model",
-    "vocab": None,
-    "embed": None,
-    "layers": None,
-    "seq": None,
-    "capacity": None,
-    "head_dim": None,
-    "group": None,
-    "tokens": None,
-    "pages": ("data", "model"),  # a layer's page pool: one slice per (data, model) shard
-    "page_slots": None,
+  "batch": "data",
+  "heads": "model",  # query heads (and flattened heads * head_dim)
+  "kv_heads": "model",  # cache heads
+  "mlp": "model",
+  "vocab": None,
+  "embed": None,
+  "layers": None,
+  "seq": None,
+  "capacity": None,
+  "head_dim": None,
+  "group": None,
+  "tokens": None,
+  "pages": ("data", "model"),  # a layer's page pool: one slice per (data, model) shard
+  "page_slots": None,
 }
 
 POOL_AXES = ("pages", "page_slots", "head_dim")
@@ -39,8 +40,14 @@ HEAD_AXES = ("layers", "batch", "kv_heads")
 
 def cache_axes(num_layers: int) -> PagedKVCache:
   """Logical axes of every array of a paged cache with `num_layers` layers."""
-  return PagedKVCache(k_pages=(POOL_AXES,) * num_layers, v_pages=(POOL_AXES,) * num_layers,
-                      page_table=HEAD_AXES + (None,), num_pages=HEAD_AXES, lengths=HEAD_AXES, pos=("batch",))
+  return PagedKVCache(
+    k_pages=(POOL_AXES,) * num_layers,
+    v_pages=(POOL_AXES,) * num_layers,
+    page_table=HEAD_AXES + (None,),
+    num_pages=HEAD_AXES,
+    lengths=HEAD_AXES,
+    pos=("batch",),
+  )
 
 
 def spec(axes) -> P:
@@ -56,15 +63,23 @@ def make_mesh(data: int = 1, model: int = 1, devices=None) -> jax.sharding.Mesh:
   devices = devices if devices is not None else jax.devices()
   if data * model > len(devices):
     raise ValueError(f"mesh {data}x{model} needs {data * model} devices, only {len(devices)} present")
-  return jax.make_mesh((data, model), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto),
-                       devices=devices[:data * model])
+  return jax.make_mesh(
+    (data, model),
+    ("data", "model"),
+    axis_types=(AxisType.Auto, AxisType.Auto),
+    devices=devices[: data * model],
+  )
 
 
 def check_fits(cfg: ModelConfig, mesh, batch: int | None = None, cache_heads: int | None = None) -> None:
   """Clear errors for shapes that a mesh axis does not divide."""
   model = mesh.shape["model"]
-  for what, n in (("num_heads", cfg.num_heads), ("num_kv_heads", cfg.num_kv_heads),
-                  ("intermediate_size", cfg.intermediate_size), ("cache heads", cache_heads)):
+  for what, n in (
+    ("num_heads", cfg.num_heads),
+    ("num_kv_heads", cfg.num_kv_heads),
+    ("intermediate_size", cfg.intermediate_size),
+    ("cache heads", cache_heads),
+  ):
     if n is not None and n % model:
       raise ValueError(f"{what}={n} is not divisible by the mesh's model axis ({model})")
   if batch is not None and batch % mesh.shape["data"]:
@@ -73,12 +88,16 @@ def check_fits(cfg: ModelConfig, mesh, batch: int | None = None, cache_heads: in
 
 def param_shardings(cfg: ModelConfig, mesh) -> dict:
   """The params pytree of `cfg` with each leaf's NamedSharding (e.g. jit out_shardings for init)."""
-  return jax.tree.map(lambda axes: NamedSharding(mesh, spec(axes)), params_lib.param_axes(cfg),
-                      is_leaf=lambda x: isinstance(x, tuple))
+  return jax.tree.map(
+    lambda axes: NamedSharding(mesh, spec(axes)),
+    params_lib.param_axes(cfg),
+    is_leaf=lambda x: isinstance(x, tuple),
+  )
 
 
 def shard_params(params, mesh):
   """Places each leaf by its logical axes in the parameter table (an unknown leaf is a KeyError)."""
+
   def put(path, x):
     axes = params_lib.param_at(tuple(k.key for k in path)).axes
     return jax.device_put(x, NamedSharding(mesh, spec(axes)))
@@ -129,6 +148,6 @@ def per_shard(fn, *, in_axes, out_axes):
   if mesh is None or mesh.empty:
     return fn
   to_spec = lambda tree: jax.tree.map(spec, tree, is_leaf=_is_axes)
-  return jax.shard_map(fn, mesh=mesh, in_specs=to_spec(tuple(in_axes)), out_specs=to_spec(out_axes),
-                       check_vma=False)
-
+  return jax.shard_map(
+    fn, mesh=mesh, in_specs=to_spec(tuple(in_axes)), out_specs=to_spec(out_axes), check_vma=False
+  )

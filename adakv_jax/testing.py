@@ -10,7 +10,7 @@ checkpoint cannot be loaded (e.g. a device machine the file cannot travel to).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,22 +25,55 @@ TINY_VOCAB = 97
 # The configurations the registered GGUF files describe (tests/test_testing.py reads them back from the
 # files where those are installed); dtype is set per call.
 _REGISTERED = {
-    "smollm2-135m": dict(
-        architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-        num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=9.999999747378752e-06, rope_theta=100000.0,
-        max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1, eos_token_ids=(2,)),
-    "qwen2.5-coder-0.5b": dict(
-        architecture="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
-        num_heads=14, num_kv_heads=2, head_dim=64, rms_norm_eps=9.999999974752427e-07, rope_theta=1000000.0,
-        max_position_embeddings=32768, attention_bias=True, bos_token_id=151643, eos_token_ids=(151645,)),
+  "smollm2-135m": dict(
+    architecture="llama",
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_layers=30,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    rms_norm_eps=9.999999747378752e-06,
+    rope_theta=100000.0,
+    max_position_embeddings=8192,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_ids=(2,),
+  ),
+  "qwen2.5-coder-0.5b": dict(
+    architecture="qwen2",
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_layers=24,
+    num_heads=14,
+    num_kv_heads=2,
+    head_dim=64,
+    rms_norm_eps=9.999999974752427e-07,
+    rope_theta=1000000.0,
+    max_position_embeddings=32768,
+    attention_bias=True,
+    bos_token_id=151643,
+    eos_token_ids=(151645,),
+  ),
 }
 REGISTERED_SHAPES = tuple(_REGISTERED)
 
 
 def tiny_config(**overrides) -> ModelConfig:
   """A 3-layer Llama with 4 query / 2 KV heads of width 16 over a 97-token vocabulary."""
-  base = dict(architecture="llama", vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128,
-              num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512)
+  base = dict(
+    architecture="llama",
+    vocab_size=TINY_VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+  )
   return ModelConfig(**{**base, **overrides})
 
 
@@ -67,7 +100,7 @@ def greedy_reference(params, cfg: ModelConfig, prompt: Sequence[int], steps: int
   for _ in range(steps):
     logits = model_lib.forward_full(params, jnp.asarray([seq]), cfg)
     seq.append(int(jnp.argmax(logits[0, -1])))
-  return seq[len(prompt):]
+  return seq[len(prompt) :]
 
 
 def keep_mask(positions_LBHC, width: int) -> np.ndarray:

@@ -26,7 +26,7 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import adakv_jax as ak  # noqa: E402
+import adakv_jax as ak
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +49,9 @@ def rotary(x_BLHD: jax.Array, pos_BL: jax.Array, theta: float) -> jax.Array:
   inv = jnp.asarray(1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d), jnp.float32)
   ang = pos_BL.astype(jnp.float32)[..., None, None] * inv  # [B, L, 1, D/2]
   x1, x2 = jnp.split(x_BLHD.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * jnp.cos(ang) - x2 * jnp.sin(ang), x2 * jnp.cos(ang) + x1 * jnp.sin(ang)],
-                         axis=-1).astype(x_BLHD.dtype)
+  return jnp.concatenate(
+    [x1 * jnp.cos(ang) - x2 * jnp.sin(ang), x2 * jnp.cos(ang) + x1 * jnp.sin(ang)], axis=-1
+  ).astype(x_BLHD.dtype)
 
 
 class Attention(nnx.Module):
@@ -109,8 +110,11 @@ class Block(nnx.Module):
     self.attn = Attention(c, rngs=rngs)
     self.mlp_norm = nnx.RMSNorm(c.dim, epsilon=c.eps, rngs=rngs)
     linear = functools.partial(nnx.Linear, use_bias=False, rngs=rngs)
-    self.gate, self.up, self.down = linear(c.dim, c.mlp_dim), linear(c.dim, c.mlp_dim), linear(c.mlp_dim,
-                                                                                                c.dim)
+    self.gate, self.up, self.down = (
+      linear(c.dim, c.mlp_dim),
+      linear(c.dim, c.mlp_dim),
+      linear(c.mlp_dim, c.dim),
+    )
 
   def mlp(self, x):
     y = self.mlp_norm(x)
@@ -172,7 +176,7 @@ def generate(model: Decoder, prompts, *, press, max_new_tokens: int, page_size: 
   plan = ak.plan_layers(press, c.layers, c.heads, c.kv_heads, lens, room=max_new_tokens, page_size=page_size)
   tokens = np.zeros((len(prompts), max(lens)), np.int32)
   for i, p in enumerate(prompts):
-    tokens[i, :len(p)] = p
+    tokens[i, : len(p)] = p
   len_B = jnp.asarray(lens, jnp.int32)
   logits, caches, kept = prefill(model, jnp.asarray(tokens), len_B, press=press, plan=plan)
   out, pos_B, one = [], len_B, jnp.ones((len(prompts),), jnp.int32)
@@ -194,9 +198,15 @@ def load_llama_weights(model: Decoder, params: dict) -> None:
   for i, block in enumerate(model.blocks):
     block.attn_norm.scale[...] = lp["attn_norm"][i]
     block.mlp_norm.scale[...] = lp["mlp_norm"][i]
-    for mine, theirs in ((block.attn.q_proj, "wq"), (block.attn.k_proj, "wk"), (block.attn.v_proj, "wv"),
-                         (block.attn.o_proj, "wo"), (block.gate, "w_gate"), (block.up, "w_up"),
-                         (block.down, "w_down")):
+    for mine, theirs in (
+      (block.attn.q_proj, "wq"),
+      (block.attn.k_proj, "wk"),
+      (block.attn.v_proj, "wv"),
+      (block.attn.o_proj, "wo"),
+      (block.gate, "w_gate"),
+      (block.up, "w_up"),
+      (block.down, "w_down"),
+    ):
       mine.kernel[...] = lp[theirs][i]
 
 
@@ -204,10 +214,18 @@ def config_of(cfg: ak.ModelConfig) -> DecoderConfig:
   """The decoder's shape for a Llama-family checkpoint's config (no biases, no RoPE scaling)."""
   if cfg.attention_bias or cfg.rope_scaling is not None:
     raise ValueError("this example decoder has no attention biases and no RoPE scaling")
-  return DecoderConfig(vocab=cfg.vocab_size, dim=cfg.hidden_size, mlp_dim=cfg.intermediate_size,
-                       layers=cfg.num_layers, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
-                       head_dim=cfg.head_dim, rope_theta=cfg.rope_theta, eps=cfg.rms_norm_eps,
-                       tied_embeddings=cfg.tie_word_embeddings)
+  return DecoderConfig(
+    vocab=cfg.vocab_size,
+    dim=cfg.hidden_size,
+    mlp_dim=cfg.intermediate_size,
+    layers=cfg.num_layers,
+    heads=cfg.num_heads,
+    kv_heads=cfg.num_kv_heads,
+    head_dim=cfg.head_dim,
+    rope_theta=cfg.rope_theta,
+    eps=cfg.rms_norm_eps,
+    tied_embeddings=cfg.tie_word_embeddings,
+  )
 
 
 def main() -> None:
@@ -217,8 +235,10 @@ def main() -> None:
   rs = np.random.RandomState(0)
   prompts = [rs.randint(0, c.vocab, n).tolist() for n in (300, 170)]
   ids, kept, _ = generate(model, prompts, press=press, max_new_tokens=8)
-  print(f"random weights: {ids}; kept entries per layer {kept.sum(axis=(1, 2)).tolist()} of "
-        f"{c.kv_heads * sum(len(p) for p in prompts)}")
+  print(
+    f"random weights: {ids}; kept entries per layer {kept.sum(axis=(1, 2)).tolist()} of "
+    f"{c.kv_heads * sum(len(p) for p in prompts)}"
+  )
 
   try:
     cfg, params, tok = ak.load_model("smollm2-135m")
@@ -230,12 +250,15 @@ def main() -> None:
   text = Path(__file__).with_name("python_docs_question.txt").read_text()
   prompt = tok.encode_chat(text)[0]
   t0 = time.perf_counter()
-  ids, kept, caches = generate(model, [prompt], press=ak.make_press("ada-snapkv", budget=128),
-                               max_new_tokens=48)
+  ids, kept, caches = generate(
+    model, [prompt], press=ak.make_press("ada-snapkv", budget=128), max_new_tokens=48
+  )
   cache = ak.stack_layers(caches, jnp.asarray([len(prompt) + 48]))
-  print(f"SmolLM2-135M in the NNX decoder, {len(prompt)} prompt tokens, {time.perf_counter() - t0:.1f}s:\n"
-        f"{tok.decode(ids[0])}\n[kept {cache.kept_bytes() / 2**20:.2f} MiB of K/V; cache allocated "
-        f"{cache.nbytes() / 2**20:.2f} MiB]")
+  print(
+    f"SmolLM2-135M in the NNX decoder, {len(prompt)} prompt tokens, {time.perf_counter() - t0:.1f}s:\n"
+    f"{tok.decode(ids[0])}\n[kept {cache.kept_bytes() / 2**20:.2f} MiB of K/V; cache allocated "
+    f"{cache.nbytes() / 2**20:.2f} MiB]"
+  )
 
 
 if __name__ == "__main__":

@@ -29,25 +29,31 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from adakv_jax import generation, model as model_lib
+from adakv_jax import generation
+from adakv_jax import model as model_lib
 from adakv_jax.cache import plan_cache
 from adakv_jax.checkpoints import load_model
 from adakv_jax.press import make_press, press_label
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESSES = {  # name -> (preset, overrides); None = the full cache
-    "full": None,
-    "snapkv": ("snapkv", {}),
-    "ada-snapkv": ("ada-snapkv", {}),
-    "ada-snapkv/page": ("ada-snapkv", dict(granularity="page")),
+  "full": None,
+  "snapkv": ("snapkv", {}),
+  "ada-snapkv": ("ada-snapkv", {}),
+  "ada-snapkv/page": ("ada-snapkv", dict(granularity="page")),
 }
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--model", default="smollm2-135m")
-  p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8000],
-                 help="context tokens (8000: the 8192 context less the decode room)")
+  p.add_argument(
+    "--lengths",
+    type=int,
+    nargs="+",
+    default=[1024, 2048, 4096, 8000],
+    help="context tokens (8000: the 8192 context less the decode room)",
+  )
   p.add_argument("--budget", type=int, default=128)
   p.add_argument("--steps", type=int, default=32, help="decode steps per timed loop call")
   p.add_argument("--rounds", type=int, default=7, help="timed calls per press (after one warm-up call)")
@@ -76,7 +82,9 @@ def build_caches(params, cfg, ids, presses, a):
   len_B = jnp.asarray([n], jnp.int32)
   window = max((p.window for p in presses.values() if p is not None), default=1)
   run = jax.jit(model_lib.run_prefill, static_argnames=("cfg", "chunk", "tap"))
-  kw = dict(cfg=cfg, chunk=model_lib.prompt_chunk(n), tap=model_lib.CaptureTap(window=window, with_colsum=False))
+  kw = dict(
+    cfg=cfg, chunk=model_lib.prompt_chunk(n), tap=model_lib.CaptureTap(window=window, with_colsum=False)
+  )
   jax.block_until_ready(run(params, tokens, len_B, **kw))  # compile
   t0 = time.perf_counter()
   _, captured = jax.block_until_ready(run(params, tokens, len_B, **kw))
@@ -86,16 +94,18 @@ def build_caches(params, cfg, ids, presses, a):
   for name, press in presses.items():
     heads = press.cache_heads(cfg.num_heads, cfg.num_kv_heads) if press else cfg.num_kv_heads
     plan = plan_cache(cfg.num_layers, heads, [n], room=room, press=press, page_size=a.page_size)
-    cache, _ = model_lib.cache_from_capture(captured, len_B, jax.random.PRNGKey(0), cfg=cfg, press=press,
-                                            plan=plan)
+    cache, _ = model_lib.cache_from_capture(
+      captured, len_B, jax.random.PRNGKey(0), cfg=cfg, press=press, plan=plan
+    )
     caches[name] = cache.trim()
   return caches, prefill_s
 
 
 def time_decode(params, cfg, states, a):
   """Interleaved rounds of one decode_loop call per cache; ms/token per round for each."""
-  loop = lambda st: generation.decode_loop(params, st, cfg=cfg, sampling=generation.Sampling(), eos_ids=(),
-                                           steps=a.steps, backend="xla")  # noqa: E731
+  loop = lambda st: generation.decode_loop(
+    params, st, cfg=cfg, sampling=generation.Sampling(), eos_ids=(), steps=a.steps, backend="xla"
+  )
   for name in states:  # warm-up (compiles)
     states[name] = jax.block_until_ready(loop(states[name]))
   ms = {name: [] for name in states}
@@ -147,36 +157,57 @@ def main(argv=None):
     rate_per_round = (weight_bytes + live["weights-only"]) / t_w  # bytes/s streamed, per round
     for k in caches:
       bound_ms = (weight_bytes + live[k]) / rate_per_round * 1e3
-      rows.append({
-          "context": n, "press": k, "press_label": press_label(presses[k]),
-          "ms_per_token": summary(ms[k]), "bound_ms": summary(bound_ms),
+      rows.append(
+        {
+          "context": n,
+          "press": k,
+          "press_label": press_label(presses[k]),
+          "ms_per_token": summary(ms[k]),
+          "bound_ms": summary(bound_ms),
           "bound_ratio": paired_ratio(ms[k], bound_ms),
           "vs_full": paired_ratio(ms[k], ms["full"]),
-          "allocated_mib": alloc[k] / 2**20, "kept_mib": live[k] / 2**20,
+          "allocated_mib": alloc[k] / 2**20,
+          "kept_mib": live[k] / 2**20,
           "capture_prefill_s": prefill_s,
-      })
-    rows.append({"context": n, "press": "weights-only", "ms_per_token": summary(ms["weights-only"]),
-                 "weights_gb_per_s": summary(rate_per_round / 1e9)})
+        }
+      )
+    rows.append(
+      {
+        "context": n,
+        "press": "weights-only",
+        "ms_per_token": summary(ms["weights-only"]),
+        "weights_gb_per_s": summary(rate_per_round / 1e9),
+      }
+    )
   payload = {
-      "script": "experiments/bench_efficiency.py", "args": vars(a), "model": a.model, "dtype": cfg.dtype,
-      "backend": "xla", "weight_bytes": weight_bytes,
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "jax_version": jax.__version__, "device": str(jax.devices()[0]), "platform": platform.platform(),
-      "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
-      "method": "per context: one capture prefill; each press's paged cache from it (cache_from_capture, "
-                "trimmed); ms/token = one decode_loop call of `steps` tokens / steps, compile excluded, "
-                "presses interleaved per round; bound = (weights + kept cache bytes) / the rate a 16-token "
-                "full-cache loop streams the weights in the same round",
-      "rows": rows,
+    "script": "experiments/bench_efficiency.py",
+    "args": vars(a),
+    "model": a.model,
+    "dtype": cfg.dtype,
+    "backend": "xla",
+    "weight_bytes": weight_bytes,
+    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "jax_version": jax.__version__,
+    "device": str(jax.devices()[0]),
+    "platform": platform.platform(),
+    "cpu_count": os.cpu_count(),
+    "load_average": os.getloadavg(),
+    "method": "per context: one capture prefill; each press's paged cache from it (cache_from_capture, "
+    "trimmed); ms/token = one decode_loop call of `steps` tokens / steps, compile excluded, "
+    "presses interleaved per round; bound = (weights + kept cache bytes) / the rate a 16-token "
+    "full-cache loop streams the weights in the same round",
+    "rows": rows,
   }
   RESULTS.mkdir(exist_ok=True)
   (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
   print(f"wrote experiments/results/{name}.json")
   for r in rows:
     if r["press"] != "weights-only":
-      print(f"{r['context']:>6} {r['press']:<16} {r['ms_per_token']['median']:7.1f} ms/token  "
-            f"bound x{r['bound_ratio']['median']:.2f}  {r['allocated_mib']:8.2f} MiB allocated  "
-            f"({r['kept_mib']:.2f} kept)")
+      print(
+        f"{r['context']:>6} {r['press']:<16} {r['ms_per_token']['median']:7.1f} ms/token  "
+        f"bound x{r['bound_ratio']['median']:.2f}  {r['allocated_mib']:8.2f} MiB allocated  "
+        f"({r['kept_mib']:.2f} kept)"
+      )
   plot(payload, name)
 
 
@@ -203,8 +234,10 @@ def plot(payload, name):
     ax.set_xlabel("context tokens")
     ax.grid(alpha=0.3)
   axes[0].legend()
-  fig.suptitle(f"{payload['model']} {payload['dtype']}, XLA on {payload['cpu_count']} CPU cores "
-               f"(budget {payload['args']['budget']}, page {payload['args']['page_size']})")
+  fig.suptitle(
+    f"{payload['model']} {payload['dtype']}, XLA on {payload['cpu_count']} CPU cores "
+    f"(budget {payload['args']['budget']}, page {payload['args']['page_size']})"
+  )
   fig.tight_layout()
   fig.savefig(RESULTS / f"{name}.png", dpi=110)
   print(f"wrote experiments/results/{name}.png")

@@ -51,13 +51,29 @@ def parse_args():
   p.add_argument("--pages-per-block", type=int, default=None, help="default: the kernel's own choice")
   p.add_argument("--num-splits", type=int, default=None, help="default: the kernel's own choice")
   p.add_argument("--fills", type=float, nargs="+", default=[0.25, 0.5, 1.0])
-  p.add_argument("--skew-fills", type=float, nargs="+", default=[0.25, 0.5],
-                 help="mean fills at which skewed and uniform lengths are compared")
+  p.add_argument(
+    "--skew-fills",
+    type=float,
+    nargs="+",
+    default=[0.25, 0.5],
+    help="mean fills at which skewed and uniform lengths are compared",
+  )
   p.add_argument("--peak-gbps", type=float, default=4800.0, help="the device's peak HBM bandwidth")
-  p.add_argument("--xla-shape", type=int, nargs=5, default=[1, 3, 3, 64, 4096],
-                 metavar=("B", "K", "G", "D", "CAP"), help="XLA crossover shape (default SmolLM2-like)")
-  p.add_argument("--xla-chunks", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 32],
-                 help="chunk lengths T of the XLA crossover (query rows B * K * G * T)")
+  p.add_argument(
+    "--xla-shape",
+    type=int,
+    nargs=5,
+    default=[1, 3, 3, 64, 4096],
+    metavar=("B", "K", "G", "D", "CAP"),
+    help="XLA crossover shape (default SmolLM2-like)",
+  )
+  p.add_argument(
+    "--xla-chunks",
+    type=int,
+    nargs="+",
+    default=[1, 2, 3, 4, 8, 16, 32],
+    help="chunk lengths T of the XLA crossover (query rows B * K * G * T)",
+  )
   p.add_argument("--xla-dtype", default="float32", choices=["bfloat16", "float32"])
   p.add_argument("--topk", type=int, nargs=3, default=[4, 32, 4096], metavar=("B", "H", "N"))
   p.add_argument("--reps", type=int, default=20, help="timed runs (at most 3 for interpreted Pallas)")
@@ -120,19 +136,28 @@ def attention_section(a, rng, meaningful, reps_for):
   kp, vp, table = paged_pool(rng, b, k, c, page, d, dtype)
   q = jnp.asarray(rng.standard_normal((b, k, g, d)), dtype)
   paths = {
-      "pallas": jax.jit(functools.partial(pa.paged_decode_attention, backend="pallas",
-                                          pages_per_block=a.pages_per_block, num_splits=a.num_splits)),
-      "xla": jax.jit(lambda *x: pa.paged_attention_xla(x[0][:, :, :, None], *x[1:])[:, :, :, 0]),
+    "pallas": jax.jit(
+      functools.partial(
+        pa.paged_decode_attention,
+        backend="pallas",
+        pages_per_block=a.pages_per_block,
+        num_splits=a.num_splits,
+      )
+    ),
+    "xla": jax.jit(lambda *x: pa.paged_attention_xla(x[0][:, :, :, None], *x[1:])[:, :, :, 0]),
   }
   cases = [("fill", f, np.full((b, k), round(f * c))) for f in a.fills]
   for f in a.skew_fills:
-    cases += [("uniform", f, np.full((b, k), round(f * c))),
-              ("skewed", f, skewed_lengths(rng, b, k, c, f))]
+    cases += [("uniform", f, np.full((b, k), round(f * c))), ("skewed", f, skewed_lengths(rng, b, k, c, f))]
   rows = []
   for kind, fill, lens in tqdm(cases, desc="paged decode"):
-    row = {"case": kind, "fill": fill, "sum_lengths": int(lens.sum()),
-           "lengths_min_max": [int(lens.min()), int(lens.max())],
-           "live_page_bytes": live_page_bytes(lens, page, d, dtype.itemsize)}
+    row = {
+      "case": kind,
+      "fill": fill,
+      "sum_lengths": int(lens.sum()),
+      "lengths_min_max": [int(lens.min()), int(lens.max())],
+      "live_page_bytes": live_page_bytes(lens, page, d, dtype.itemsize),
+    }
     for name, fn in paths.items():
       t = time_fn(fn, (q, kp, vp, table, jnp.asarray(lens, jnp.int32)), reps_for(name))
       t["achieved_GBps"] = row["live_page_bytes"] / t["median_s"] / 1e9
@@ -153,10 +178,18 @@ def attention_section(a, rng, meaningful, reps_for):
     for path in paths:
       checks[f"{path}_skewed_over_uniform_at_{f}"] = med("skewed", f, path) / med("uniform", f, path)
   checks["skew_target_max"] = 1.10
-  shape = {"batch": b, "kv_heads": k, "group": g, "capacity": c, "head_dim": d, "page_size": page,
-           "pool_pages": int(kp.shape[0]), "dtype": a.dtype,
-           "pages_per_block": a.pages_per_block or pa.default_pages_per_block(
-               page, table.shape[2], backend_lib.resolve_lowering(None), dtype.itemsize)}
+  shape = {
+    "batch": b,
+    "kv_heads": k,
+    "group": g,
+    "capacity": c,
+    "head_dim": d,
+    "page_size": page,
+    "pool_pages": int(kp.shape[0]),
+    "dtype": a.dtype,
+    "pages_per_block": a.pages_per_block
+    or pa.default_pages_per_block(page, table.shape[2], backend_lib.resolve_lowering(None), dtype.itemsize),
+  }
   return {"shape": shape, "rows": rows, "checks": checks}
 
 
@@ -169,21 +202,36 @@ def xla_crossover_section(a, rng):
   scale = 1.0 / np.sqrt(d)
   prec = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
   forms = {
-      "all_rows": jax.jit(functools.partial(pa._all_rows_attention, sm_scale=scale, finite_dead=True)),
-      "gathered": jax.jit(functools.partial(pa._gathered_attention, sm_scale=scale,
-                                            compute_dtype=dtype, precision=prec)),
+    "all_rows": jax.jit(functools.partial(pa._all_rows_attention, sm_scale=scale, finite_dead=True)),
+    "gathered": jax.jit(
+      functools.partial(pa._gathered_attention, sm_scale=scale, compute_dtype=dtype, precision=prec)
+    ),
   }
   rows = []
   for t in tqdm(a.xla_chunks, desc="XLA formulations"):
     q = jnp.asarray(rng.standard_normal((b, k, g, t, d)), dtype)
-    row = {"chunk": t, "query_rows": b * k * g * t,
-           "chosen": "all_rows" if b * k * g * t <= pa.XLA_ALL_ROWS_MAX_QUERY_ROWS else "gathered"}
+    row = {
+      "chunk": t,
+      "query_rows": b * k * g * t,
+      "chosen": "all_rows" if b * k * g * t <= pa.XLA_ALL_ROWS_MAX_QUERY_ROWS else "gathered",
+    }
     for name, fn in forms.items():
       row[name] = time_fn(fn, (q, kp, vp, table, lens), a.reps)
     rows.append(row)
-  return {"shape": {"batch": b, "kv_heads": k, "group": g, "head_dim": d, "capacity": c,
-                    "page_size": page, "pool_pages": int(kp.shape[0]), "dtype": a.xla_dtype},
-          "threshold_query_rows": pa.XLA_ALL_ROWS_MAX_QUERY_ROWS, "rows": rows}
+  return {
+    "shape": {
+      "batch": b,
+      "kv_heads": k,
+      "group": g,
+      "head_dim": d,
+      "capacity": c,
+      "page_size": page,
+      "pool_pages": int(kp.shape[0]),
+      "dtype": a.xla_dtype,
+    },
+    "threshold_query_rows": pa.XLA_ALL_ROWS_MAX_QUERY_ROWS,
+    "rows": rows,
+  }
 
 
 def topk_section(a, rng, reps_for):
@@ -210,38 +258,55 @@ def main():
   crossover = xla_crossover_section(a, rng)
   topk = topk_section(a, rng, reps_for)
   payload = {
-      "script": "bench_kernels.py",
-      "args": vars(a),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "git_commit": common.git_commit(),
-      "jax_version": jax.__version__,
-      "device": str(dev),
-      "device_kind": dev.device_kind,
-      "platform": platform.platform(),
-      "backend_platform": plat,
-      "pallas_lowering": backend_lib.resolve_lowering(None),
-      "pallas_interpret": backend_lib.default_interpret(),
-      "meaningful": meaningful,
-      "note": ("native kernels" if meaningful else
-               "CPU: the Pallas kernels ran in JAX's interpreter (the TPU-style kernel under the TPU "
-               "interpreter); their timings and bandwidths are not performance numbers. The XLA path's "
-               "timings are CPU numbers (on a shared machine: noisy)."),
-      "peak_bandwidth_GBps": a.peak_gbps,
-      "attention": attention,
-      "xla_crossover": crossover,
-      "topk": topk,
+    "script": "bench_kernels.py",
+    "args": vars(a),
+    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "git_commit": common.git_commit(),
+    "jax_version": jax.__version__,
+    "device": str(dev),
+    "device_kind": dev.device_kind,
+    "platform": platform.platform(),
+    "backend_platform": plat,
+    "pallas_lowering": backend_lib.resolve_lowering(None),
+    "pallas_interpret": backend_lib.default_interpret(),
+    "meaningful": meaningful,
+    "note": (
+      "native kernels"
+      if meaningful
+      else "CPU: the Pallas kernels ran in JAX's interpreter (the TPU-style kernel under the TPU "
+      "interpreter); their timings and bandwidths are not performance numbers. The XLA path's "
+      "timings are CPU numbers (on a shared machine: noisy)."
+    ),
+    "peak_bandwidth_GBps": a.peak_gbps,
+    "attention": attention,
+    "xla_crossover": crossover,
+    "topk": topk,
   }
   name = common.out_name("bench_kernels", a.quick)
   common.write_json(name, payload)
   common.print_table(
-      [{"case": r["case"], "fill": r["fill"],
+    [
+      {
+        "case": r["case"],
+        "fill": r["fill"],
         **{f"{p}_ms": r[p]["median_s"] * 1e3 for p in ("pallas", "xla")},
-        **{f"{p}_GBps": r[p]["achieved_GBps"] for p in ("pallas", "xla")}} for r in attention["rows"]],
-      ["case", "fill", "pallas_ms", "xla_ms", "pallas_GBps", "xla_GBps"])
+        **{f"{p}_GBps": r[p]["achieved_GBps"] for p in ("pallas", "xla")},
+      }
+      for r in attention["rows"]
+    ],
+    ["case", "fill", "pallas_ms", "xla_ms", "pallas_GBps", "xla_GBps"],
+  )
   common.print_table(
-      [{"query_rows": r["query_rows"], "chosen": r["chosen"],
-        **{f"{f}_ms": r[f]["median_s"] * 1e3 for f in ("all_rows", "gathered")}}
-       for r in crossover["rows"]], ["query_rows", "chosen", "all_rows_ms", "gathered_ms"])
+    [
+      {
+        "query_rows": r["query_rows"],
+        "chosen": r["chosen"],
+        **{f"{f}_ms": r[f]["median_s"] * 1e3 for f in ("all_rows", "gathered")},
+      }
+      for r in crossover["rows"]
+    ],
+    ["query_rows", "chosen", "all_rows_ms", "gathered_ms"],
+  )
   plot(payload, name)
 
 
@@ -252,11 +317,13 @@ def plot(payload, name):
   paths = ("pallas", "xla")
   fill_rows = [r for r in rows if r["case"] == "fill"]
   for p in paths:
-    ax1.plot([r["fill"] for r in fill_rows], [r[p]["fraction_of_peak"] for r in fill_rows], "o-",
-             label=p)
-  ax1.set(xlabel="fill (each head's length / capacity)",
-          ylabel=f"live K/V bytes / time / peak ({payload['peak_bandwidth_GBps']:.0f} GB/s)",
-          title="paged decode: achieved bandwidth", ylim=(0, None))
+    ax1.plot([r["fill"] for r in fill_rows], [r[p]["fraction_of_peak"] for r in fill_rows], "o-", label=p)
+  ax1.set(
+    xlabel="fill (each head's length / capacity)",
+    ylabel=f"live K/V bytes / time / peak ({payload['peak_bandwidth_GBps']:.0f} GB/s)",
+    title="paged decode: achieved bandwidth",
+    ylim=(0, None),
+  )
   ax1.legend(fontsize=8)
   skew = sorted({r["fill"] for r in rows if r["case"] == "skewed"})
   width = 0.8 / len(paths)
@@ -271,10 +338,16 @@ def plot(payload, name):
   qr = [r["query_rows"] for r in cross["rows"]]
   for f in ("all_rows", "gathered"):
     ax3.plot(qr, [r[f]["median_s"] * 1e3 for r in cross["rows"]], "o-", label=f)
-  ax3.axvline(cross["threshold_query_rows"] + 0.5, color="grey", lw=0.8, ls=":",
-              label="XLA_ALL_ROWS_MAX_QUERY_ROWS")
-  ax3.set(xscale="log", yscale="log", xlabel="query rows B*K*G*T", ylabel="ms",
-          title=f"XLA path formulations ({cross['shape']['dtype']}, {payload['backend_platform']})")
+  ax3.axvline(
+    cross["threshold_query_rows"] + 0.5, color="grey", lw=0.8, ls=":", label="XLA_ALL_ROWS_MAX_QUERY_ROWS"
+  )
+  ax3.set(
+    xscale="log",
+    yscale="log",
+    xlabel="query rows B*K*G*T",
+    ylabel="ms",
+    title=f"XLA path formulations ({cross['shape']['dtype']}, {payload['backend_platform']})",
+  )
   ax3.legend(fontsize=8)
   tag = "" if payload["meaningful"] else " (CPU: Pallas interpreted, its timings not meaningful)"
   fig.suptitle(f"{payload['device_kind']}{tag}", fontsize=10)

@@ -25,19 +25,19 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads must not spin
 
-import argparse  # noqa: E402
-import platform  # noqa: E402
-import time  # noqa: E402
+import argparse
+import platform
+import time
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from adakv_jax import model as model_lib  # noqa: E402
-from adakv_jax.cache import plan_cache  # noqa: E402
-from adakv_jax.checkpoints import resolve_model  # noqa: E402
-from adakv_jax.press import make_press, press_label  # noqa: E402
-from experiments import common  # noqa: E402
+from adakv_jax import model as model_lib
+from adakv_jax.cache import plan_cache
+from adakv_jax.checkpoints import resolve_model
+from adakv_jax.press import make_press, press_label
+from experiments import common
 
 TORCH_THREADS = 2
 
@@ -73,6 +73,7 @@ class Clock:
 
 # ---- the two sides -----------------------------------------------------------------------------------
 
+
 def load_theirs():
   import torch
   import transformers
@@ -80,8 +81,9 @@ def load_theirs():
   torch.set_num_threads(TORCH_THREADS)
   path = resolve_model(common.MODEL)
   with Clock() as c:
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                              dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+      path.parent, gguf_file=path.name, dtype=torch.float32
+    )
   model.eval()
   return model, c.wall_s
 
@@ -121,10 +123,16 @@ def ours_call(params, cfg, ids, press):
 
 # ---- statistics --------------------------------------------------------------------------------------
 
+
 def summary(xs) -> dict:
   xs = np.asarray(xs, float)
-  return {"n": int(xs.size), "min": float(xs.min()), "median": float(np.median(xs)), "max": float(xs.max()),
-          "all": [round(float(x), 4) for x in xs]}
+  return {
+    "n": int(xs.size),
+    "min": float(xs.min()),
+    "median": float(np.median(xs)),
+    "max": float(xs.max()),
+    "all": [round(float(x), 4) for x in xs],
+  }
 
 
 def paired_ratio(ours, theirs, rng) -> dict:
@@ -132,12 +140,18 @@ def paired_ratio(ours, theirs, rng) -> dict:
   r = np.asarray(ours, float) / np.asarray(theirs, float)
   boot = np.median(rng.choice(r, size=(2000, r.size), replace=True), axis=1)
   lo, hi = np.percentile(boot, [2.5, 97.5])
-  return {"median": float(np.median(r)), "ci95": [float(lo), float(hi)], "min": float(r.min()),
-          "max": float(r.max()), "ratio_of_mins": float(np.min(ours) / np.min(theirs)),
-          "all": [round(float(x), 4) for x in r]}
+  return {
+    "median": float(np.median(r)),
+    "ci95": [float(lo), float(hi)],
+    "min": float(r.min()),
+    "max": float(r.max()),
+    "ratio_of_mins": float(np.min(ours) / np.min(theirs)),
+    "all": [round(float(x), 4) for x in r],
+  }
 
 
 # ---- one prompt --------------------------------------------------------------------------------------
+
 
 def bench_length(params, cfg, theirs, ids, press, reps, rng) -> dict:
   load_before = os.getloadavg()
@@ -147,8 +161,12 @@ def bench_length(params, cfg, theirs, ids, press, reps, rng) -> dict:
     cells[name] = call
     compile_info[name] = {"wall_s": round(c.wall_s, 3), "cpu_s": round(c.cpu_s, 3)}
   cells["transformers"] = theirs_call(theirs, ids)
-  settings["transformers"] = {"padded_len": len(ids), "logits_to_keep": 1, "use_cache": True,
-                              "attn_implementation": theirs.config._attn_implementation}
+  settings["transformers"] = {
+    "padded_len": len(ids),
+    "logits_to_keep": 1,
+    "use_cache": True,
+    "attn_implementation": theirs.config._attn_implementation,
+  }
   warm, last = {}, {}
   for name, call in cells.items():
     with Clock() as c:
@@ -164,19 +182,29 @@ def bench_length(params, cfg, theirs, ids, press, reps, rng) -> dict:
       times[name]["cpu_s"].append(c.cpu_s)
     load_during.append(round(os.getloadavg()[0], 2))
   load_after = os.getloadavg()
-  row = {"prompt_tokens": len(ids), "settings": settings, "compile": compile_info, "warmup_call": warm,
-         "cells": {n: {m: summary(v) for m, v in t.items()} for n, t in times.items()},
-         "ratio_vs_transformers": {n: {m: paired_ratio(times[n][m], times["transformers"][m], rng)
-                                       for m in ("wall_s", "cpu_s")} for n in cells if n != "transformers"},
-         "last_logits_max_abs_diff_vs_transformers": {
-             n: float(np.max(np.abs(last[n] - last["transformers"]))) for n in cells if n != "transformers"},
-         "loadavg_before": [round(x, 2) for x in load_before],
-         "loadavg_1min_after_each_round": load_during,
-         "loadavg_after": [round(x, 2) for x in load_after]}
+  row = {
+    "prompt_tokens": len(ids),
+    "settings": settings,
+    "compile": compile_info,
+    "warmup_call": warm,
+    "cells": {n: {m: summary(v) for m, v in t.items()} for n, t in times.items()},
+    "ratio_vs_transformers": {
+      n: {m: paired_ratio(times[n][m], times["transformers"][m], rng) for m in ("wall_s", "cpu_s")}
+      for n in cells
+      if n != "transformers"
+    },
+    "last_logits_max_abs_diff_vs_transformers": {
+      n: float(np.max(np.abs(last[n] - last["transformers"]))) for n in cells if n != "transformers"
+    },
+    "loadavg_before": [round(x, 2) for x in load_before],
+    "loadavg_1min_after_each_round": load_during,
+    "loadavg_after": [round(x, 2) for x in load_after],
+  }
   return row
 
 
 # ---- output ------------------------------------------------------------------------------------------
+
 
 def plot(rows, name):
   plt = common.pyplot()
@@ -189,8 +217,15 @@ def plot(rows, name):
     lo = [r["cells"][n]["cpu_s"]["min"] for r in rows]
     hi = [r["cells"][n]["cpu_s"]["max"] for r in rows]
     err = np.array([np.subtract(med, lo), np.subtract(hi, med)])
-    ax1.bar(x + (i - (len(names) - 1) / 2) * width, med, width, yerr=err, capsize=3, label=n,
-            color="k" if n == "transformers" else f"C{i}")
+    ax1.bar(
+      x + (i - (len(names) - 1) / 2) * width,
+      med,
+      width,
+      yerr=err,
+      capsize=3,
+      label=n,
+      color="k" if n == "transformers" else f"C{i}",
+    )
   for i, n in enumerate(m for m in names if m != "transformers"):
     rs = [r["ratio_vs_transformers"][n]["cpu_s"] for r in rows]
     med = [q["median"] for q in rs]
@@ -206,8 +241,11 @@ def plot(rows, name):
   ax1.set_yscale("log")
   ax2.set_ylabel("CPU time ours / transformers\n(paired median, bootstrap 95%)")
   ax2.set_ylim(bottom=0)
-  fig.suptitle("Prefill, SmolLM2-135M-Instruct float32, one process on a shared 2-core CPU "
-               "(jax XLA vs torch, 2 threads)", fontsize=10)
+  fig.suptitle(
+    "Prefill, SmolLM2-135M-Instruct float32, one process on a shared 2-core CPU "
+    "(jax XLA vs torch, 2 threads)",
+    fontsize=10,
+  )
   fig.tight_layout(rect=(0, 0, 1, 0.95))
   common.save_png(fig, name)
 
@@ -244,12 +282,18 @@ def main():
       rows.append(bench_length(params, cfg, theirs, corpus[:n], press, a.reps, rng))
       print_rows(rows[-1:])
   meta = common.run_meta(
-      a, wall_s=round(total.wall_s, 1), machine=machine(), jaxlib_version=jaxlib.__version__,
-      torch_version=torch.__version__, transformers_version=transformers.__version__,
-      torch_threads=torch.get_num_threads(), omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
-      transformers_load_s=round(theirs_load_s, 1),
-      note="CPU time = time.process_time of this process around each call (all threads); ratios are "
-           "paired by repetition; compile excluded from the timed calls and reported under 'compile'")
+    a,
+    wall_s=round(total.wall_s, 1),
+    machine=machine(),
+    jaxlib_version=jaxlib.__version__,
+    torch_version=torch.__version__,
+    transformers_version=transformers.__version__,
+    torch_threads=torch.get_num_threads(),
+    omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+    transformers_load_s=round(theirs_load_s, 1),
+    note="CPU time = time.process_time of this process around each call (all threads); ratios are "
+    "paired by repetition; compile excluded from the timed calls and reported under 'compile'",
+  )
   common.write_json(name, {"meta": meta, "rows": rows})
   plot(rows, name)
 
@@ -259,13 +303,21 @@ def print_rows(rows):
   for r in rows:
     for n, c in r["cells"].items():
       ratio = r["ratio_vs_transformers"].get(n, {}).get("cpu_s", {})
-      table.append({"tokens": r["prompt_tokens"], "cell": n, "cpu_med_s": c["cpu_s"]["median"],
-                    "wall_med_s": c["wall_s"]["median"], "cpu_ratio": ratio.get("median", 1.0),
-                    "ci95": "-".join(f"{x:.3f}" for x in ratio.get("ci95", [])),
-                    "compile_s": r["compile"].get(n, {}).get("wall_s", ""),
-                    "load": r["loadavg_after"][0]})
-  common.print_table(table, ["tokens", "cell", "cpu_med_s", "wall_med_s", "cpu_ratio", "ci95", "compile_s",
-                             "load"])
+      table.append(
+        {
+          "tokens": r["prompt_tokens"],
+          "cell": n,
+          "cpu_med_s": c["cpu_s"]["median"],
+          "wall_med_s": c["wall_s"]["median"],
+          "cpu_ratio": ratio.get("median", 1.0),
+          "ci95": "-".join(f"{x:.3f}" for x in ratio.get("ci95", [])),
+          "compile_s": r["compile"].get(n, {}).get("wall_s", ""),
+          "load": r["loadavg_after"][0],
+        }
+      )
+  common.print_table(
+    table, ["tokens", "cell", "cpu_med_s", "wall_med_s", "cpu_ratio", "ci95", "compile_s", "load"]
+  )
 
 
 if __name__ == "__main__":

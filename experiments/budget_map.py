@@ -47,29 +47,39 @@ def floors(press, num_layers: int, prompt_len: int, page_size: int) -> np.ndarra
 
 def run(params, cfg, prompt, pname, gqa, a):
   press = common.build_press(pname, a, budget=a.budget, gqa=gqa)
-  res = generate(params, cfg, [prompt], max_new_tokens=1, press=press, backend=common.BACKEND,
-                 page_size=a.page_size)
+  res = generate(
+    params, cfg, [prompt], max_new_tokens=1, press=press, backend=common.BACKEND, page_size=a.page_size
+  )
   b = res.budgets[:, 0, :]  # [layers, heads], window included
   expect = common.expected_layer_totals(press, cfg.num_layers, b.shape[1], len(prompt), a.page_size)
   floor = floors(press, cfg.num_layers, len(prompt), a.page_size)
   return {
-      "press": pname, "gqa": gqa, "budget": a.budget, "granularity": press.granularity,
-      "budgets": b.tolist(),
-      "layer_totals": b.sum(-1).tolist(),
-      "expected_layer_totals": expect.tolist(),  # H' x (B' + w) (+ the page tail at page granularity)
-      "totals_exact": bool(np.array_equal(b.sum(-1), expect)),
-      "min_head_budget": int(b.min()), "max_head_budget": int(b.max()),
-      "floor": None if floor is None else int(floor.min()),
-      "heads_at_floor": None if floor is None else int((b == floor[:, None]).sum()),
-      "budget_std_over_heads_mean": float(b.std(axis=1).mean()),
-      "retained_mass": res.retained_mass[:, 0].tolist(),
-      "retained_mass_mean": float(res.retained_mass.mean()),
-      "allocated_bytes": res.cache_bytes, "kept_bytes": res.kept_bytes,
-      "decode_room_bytes": res.decode_room_bytes, "full_cache_bytes": res.full_cache_bytes,
-      "padding_overhead": round(res.padding_overhead, 4), "page_size": res.page_size,
-      "pages_used": res.pages_used, "pages_allocated": res.pages_allocated,
-      "allocated_mib": res.cache_bytes / 2**20,
-      "prefill_s": round(res.prefill_s, 2), "compile_s": round(res.compile_s, 2),
+    "press": pname,
+    "gqa": gqa,
+    "budget": a.budget,
+    "granularity": press.granularity,
+    "budgets": b.tolist(),
+    "layer_totals": b.sum(-1).tolist(),
+    "expected_layer_totals": expect.tolist(),  # H' x (B' + w) (+ the page tail at page granularity)
+    "totals_exact": bool(np.array_equal(b.sum(-1), expect)),
+    "min_head_budget": int(b.min()),
+    "max_head_budget": int(b.max()),
+    "floor": None if floor is None else int(floor.min()),
+    "heads_at_floor": None if floor is None else int((b == floor[:, None]).sum()),
+    "budget_std_over_heads_mean": float(b.std(axis=1).mean()),
+    "retained_mass": res.retained_mass[:, 0].tolist(),
+    "retained_mass_mean": float(res.retained_mass.mean()),
+    "allocated_bytes": res.cache_bytes,
+    "kept_bytes": res.kept_bytes,
+    "decode_room_bytes": res.decode_room_bytes,
+    "full_cache_bytes": res.full_cache_bytes,
+    "padding_overhead": round(res.padding_overhead, 4),
+    "page_size": res.page_size,
+    "pages_used": res.pages_used,
+    "pages_allocated": res.pages_allocated,
+    "allocated_mib": res.cache_bytes / 2**20,
+    "prefill_s": round(res.prefill_s, 2),
+    "compile_s": round(res.compile_s, 2),
   }
 
 
@@ -89,14 +99,22 @@ def plot(runs, name, budget, prompt_len):
     fig.colorbar(im, ax=ax, fraction=0.08)
   ax = fig.add_subplot(gs[0, 2])
   for (p, gqa), r in by.items():
-    ax.plot(r["retained_mass"], label=f"{p} (gqa={gqa}), mean {r['retained_mass_mean']:.3f}",
-            ls="-" if p.startswith("ada-") else "--", color="C0" if gqa == "kv" else "C1", marker=".")
+    ax.plot(
+      r["retained_mass"],
+      label=f"{p} (gqa={gqa}), mean {r['retained_mass_mean']:.3f}",
+      ls="-" if p.startswith("ada-") else "--",
+      color="C0" if gqa == "kv" else "C1",
+      marker=".",
+    )
   ax.set_xlabel("layer")
   ax.set_ylabel("retained attention mass of the window queries")
   ax.set_title("retained mass per layer", fontsize=10)
   ax.legend(fontsize=8)
-  fig.suptitle(f"SmolLM2-135M-Instruct, {prompt_len}-token prompt, budget {budget} per head "
-               "(w=32, max-pool k=7, alpha=0.2)", fontsize=10)
+  fig.suptitle(
+    f"SmolLM2-135M-Instruct, {prompt_len}-token prompt, budget {budget} per head "
+    "(w=32, max-pool k=7, alpha=0.2)",
+    fontsize=10,
+  )
   fig.tight_layout()
   common.save_png(fig, name)
 
@@ -113,13 +131,30 @@ def main():
     prompt = ctx + q
     grid = [(p, g) for p in ("ada-snapkv", "snapkv") for g in ("kv", "query")]
     runs = [run(params, cfg, prompt, p, g, a) for p, g in tqdm(grid, desc="budget_map")]
-  payload = {"meta": common.run_meta(a, wall_s=round(total.s, 1), prompt_tokens=len(prompt), question=QUESTION),
-             "runs": runs}
+  payload = {
+    "meta": common.run_meta(a, wall_s=round(total.s, 1), prompt_tokens=len(prompt), question=QUESTION),
+    "runs": runs,
+  }
   common.write_json(name, payload)
   plot(runs, name, a.budget, len(prompt))
-  common.print_table(runs, ["press", "gqa", "budget", "totals_exact", "min_head_budget", "max_head_budget",
-                            "floor", "heads_at_floor", "retained_mass_mean", "allocated_mib",
-                            "padding_overhead", "prefill_s", "compile_s"])
+  common.print_table(
+    runs,
+    [
+      "press",
+      "gqa",
+      "budget",
+      "totals_exact",
+      "min_head_budget",
+      "max_head_budget",
+      "floor",
+      "heads_at_floor",
+      "retained_mass_mean",
+      "allocated_mib",
+      "padding_overhead",
+      "prefill_s",
+      "compile_s",
+    ],
+  )
   print(f"total {total.s:.0f}s")
 
 

@@ -37,11 +37,20 @@ DTYPE = "float32"
 BACKEND = "xla"
 GREEDY = Sampling()
 # Press defaults of the authors' evaluation (ADAKV_SPEC 3): reported with every result.
-PRESS_DEFAULTS = dict(window=32, kernel=7, pool="max", floor_alpha=0.2, floor_mode="reserve", gqa="kv",
-                      gqa_reduce="mean", pyramid_beta=20)
+PRESS_DEFAULTS = dict(
+  window=32,
+  kernel=7,
+  pool="max",
+  floor_alpha=0.2,
+  floor_mode="reserve",
+  gqa="kv",
+  gqa_reduce="mean",
+  pyramid_beta=20,
+)
 
 
 # ---- model -------------------------------------------------------------------------------------------
+
 
 def load(model: str = MODEL, dtype: str = DTYPE):
   """(cfg, params on device, tokenizer)."""
@@ -52,6 +61,7 @@ def load(model: str = MODEL, dtype: str = DTYPE):
 
 
 # ---- text --------------------------------------------------------------------------------------------
+
 
 def topics() -> list[str]:
   """The stdlib's documentation topics (pydoc_data), in sorted-key order: deterministic English text."""
@@ -73,12 +83,18 @@ def context_text(tok, n_tokens: int, start: int = 0) -> str:
 
 # ---- presses -----------------------------------------------------------------------------------------
 
+
 def add_press_args(parser) -> None:
   """--granularity and --page-size: how presses select (entries or whole pages) and the cache's page."""
-  parser.add_argument("--granularity", choices=("token", "page"), default="token",
-                      help="select single entries (the paper's method) or whole page-sized chunks")
-  parser.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE,
-                      help="entries per cache page (a power of two)")
+  parser.add_argument(
+    "--granularity",
+    choices=("token", "page"),
+    default="token",
+    help="select single entries (the paper's method) or whole page-sized chunks",
+  )
+  parser.add_argument(
+    "--page-size", type=int, default=DEFAULT_PAGE_SIZE, help="entries per cache page (a power of two)"
+  )
 
 
 def build_press(name: str, args, **overrides):
@@ -104,6 +120,7 @@ def expected_layer_totals(press, num_layers: int, heads: int, prompt_len: int, p
 
 
 # ---- capture and compress ----------------------------------------------------------------------------
+
 
 def pad_batch(prompts: list[list[int]]) -> tuple[jax.Array, jax.Array, int]:
   """Prompts as prefill takes them: tokens [B, L'] (L' a multiple of the chunk), lengths [B], chunk."""
@@ -136,8 +153,14 @@ def _run_capture(params, tokens_BL, len_B, *, cfg, chunk: int, tap):
 def capture(params, cfg, prompts: list[list[int]], *, window: int = 32, with_colsum: bool = True) -> Capture:
   """One prefill of `prompts` that serves every press (column sums only matter to H2O)."""
   tokens, len_B, chunk = pad_batch(prompts)
-  logits, layers = _run_capture(params, tokens, len_B, cfg=cfg, chunk=chunk,
-                                tap=model_lib.CaptureTap(window=window, with_colsum=with_colsum))
+  logits, layers = _run_capture(
+    params,
+    tokens,
+    len_B,
+    cfg=cfg,
+    chunk=chunk,
+    tap=model_lib.CaptureTap(window=window, with_colsum=with_colsum),
+  )
   return Capture(lens=[len(p) for p in prompts], len_B=len_B, logits_BV=logits, layers=layers)
 
 
@@ -152,20 +175,30 @@ def fitting_plan(cfg, batches: list[list[int]], presses, *, room: int, page_size
   """
   heads = {cache_heads(cfg, press) for press in presses}
   if len(heads) != 1:
-    raise ValueError(f"presses with different cache heads ({sorted(heads)}) cannot share one plan: plan "
-                     "each gqa setting on its own")
+    raise ValueError(
+      f"presses with different cache heads ({sorted(heads)}) cannot share one plan: plan "
+      "each gqa setting on its own"
+    )
   (h,) = heads
-  plans = [plan_cache(cfg.num_layers, h, lens, room=room, press=press, page_size=page_size)
-           for lens in batches for press in presses]
-  return CachePlan(page_size=page_size, layer_pages=tuple(map(max, zip(*(p.layer_pages for p in plans)))),
-                   max_pages=max(p.max_pages for p in plans), room=room)
+  plans = [
+    plan_cache(cfg.num_layers, h, lens, room=room, press=press, page_size=page_size)
+    for lens in batches
+    for press in presses
+  ]
+  return CachePlan(
+    page_size=page_size,
+    layer_pages=tuple(map(max, zip(*(p.layer_pages for p in plans)))),
+    max_pages=max(p.max_pages for p in plans),
+    room=room,
+  )
 
 
 def compress(cfg, cap: Capture, press, plan: CachePlan, *, seed: int = 0):
   """(cache, info on the host, memory) of one press on a capture: the cache and info prefill(press, plan)
   returns, and the memory generate() reports for that run (`memory` of the trimmed cache)."""
-  cache, info = model_lib.cache_from_capture(cap.layers, cap.len_B, prefill_key(seed), cfg=cfg, press=press,
-                                             plan=plan)
+  cache, info = model_lib.cache_from_capture(
+    cap.layers, cap.len_B, prefill_key(seed), cfg=cfg, press=press, plan=plan
+  )
   return cache, jax.device_get(info), memory(cfg, cache.trim(), cap.lens, plan.room)
 
 
@@ -174,13 +207,20 @@ def memory(cfg, cache, lens: list[int], room: int) -> dict:
   page), kept by prefill, reserved for the `room` tokens to come, and the full cache's."""
   allocated, kept = cache.nbytes(), cache.kept_bytes()
   decode_room = cfg.num_layers * len(lens) * cache.num_heads * room * cache.entry_bytes
-  return {"allocated_bytes": allocated, "kept_bytes": kept, "decode_room_bytes": decode_room,
-          "full_cache_bytes": full_cache_bytes(cfg, lens, room, cache.page_size),
-          "padding_overhead": round(allocated / max(kept + decode_room, 1), 4), "page_size": cache.page_size,
-          "pages_used": cache.pages_used(), "pages_allocated": cache.pages_allocated()}
+  return {
+    "allocated_bytes": allocated,
+    "kept_bytes": kept,
+    "decode_room_bytes": decode_room,
+    "full_cache_bytes": full_cache_bytes(cfg, lens, room, cache.page_size),
+    "padding_overhead": round(allocated / max(kept + decode_room, 1), 4),
+    "page_size": cache.page_size,
+    "pages_used": cache.pages_used(),
+    "pages_allocated": cache.pages_allocated(),
+  }
 
 
 # ---- decoding ----------------------------------------------------------------------------------------
+
 
 def greedy_first(logits_BV) -> jax.Array:
   return sample(logits_BV, jax.random.PRNGKey(0), GREEDY)
@@ -190,8 +230,9 @@ def ask(params, cfg, cache, questions: list[list[int]], width: int | None = None
   """Appends one question per sequence, right-padded to `width` (one width: one compiled append), to the
   cache: (logits after each question [B, V], cache)."""
   q_BT = pad_rows(questions, width)
-  return model_lib.append(params, q_BT, np.asarray([len(q) for q in questions], np.int32), cache, cfg=cfg,
-                          backend=BACKEND)
+  return model_lib.append(
+    params, q_BT, np.asarray([len(q) for q in questions], np.int32), cache, cfg=cfg, backend=BACKEND
+  )
 
 
 def decode(params, cfg, first_B, cache, *, max_new_tokens: int, eos_ids=()) -> list[list[int]]:
@@ -199,20 +240,28 @@ def decode(params, cfg, first_B, cache, *, max_new_tokens: int, eos_ids=()) -> l
   returns it); no eos_ids: fixed length. The cache is donated to the loop."""
   eos = tuple(int(e) for e in eos_ids)
   state = start_decode(first_B, cache, jax.random.PRNGKey(0), max_new_tokens, eos)
-  state = decode_loop(params, state, cfg=cfg, sampling=GREEDY, eos_ids=eos, steps=max_new_tokens,
-                      backend=BACKEND)
+  state = decode_loop(
+    params, state, cfg=cfg, sampling=GREEDY, eos_ids=eos, steps=max_new_tokens, backend=BACKEND
+  )
   tokens, count = jax.device_get((state.tokens_BS, state.count_B))
-  return [tokens[i, :count[i]].tolist() for i in range(len(count))]
+  return [tokens[i, : count[i]].tolist() for i in range(len(count))]
 
 
 # ---- output ------------------------------------------------------------------------------------------
 
+
 def git_commit() -> str:
   try:
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                         check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.strip()
+    rev = subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+      ["git", "status", "--porcelain", "--untracked-files=no"],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stdout.strip()
     return rev + ("+dirty" if dirty else "")
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
@@ -224,19 +273,19 @@ START_COMMIT = git_commit()  # the code a run imported, before anything changes 
 def run_meta(args, **extra) -> dict:
   """Everything needed to read a result: model, dtype, backend, press defaults, machine, date."""
   return {
-      "script": Path(sys.argv[0]).name,
-      "args": vars(args),
-      "model": MODEL,
-      "dtype": DTYPE,
-      "backend": BACKEND,
-      "press_defaults": PRESS_DEFAULTS,
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "git_commit": START_COMMIT,
-      "jax_version": jax.__version__,
-      "device": str(jax.devices()[0]),
-      "platform": platform.platform(),
-      "cpu_count": os.cpu_count(),
-      **extra,
+    "script": Path(sys.argv[0]).name,
+    "args": vars(args),
+    "model": MODEL,
+    "dtype": DTYPE,
+    "backend": BACKEND,
+    "press_defaults": PRESS_DEFAULTS,
+    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "git_commit": START_COMMIT,
+    "jax_version": jax.__version__,
+    "device": str(jax.devices()[0]),
+    "platform": platform.platform(),
+    "cpu_count": os.cpu_count(),
+    **extra,
   }
 
 
@@ -285,7 +334,7 @@ def pyplot():
 
 def print_table(rows: list[dict], cols: list[str]) -> None:
   """A plain fixed-width table of the given columns."""
-  fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+  fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
   cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
   widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
   print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))

@@ -39,8 +39,19 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"
 STAGES = ("kernel_tests", "bench_kernels", "bench_decode")
 STAGE_LIMIT_S = {"kernel_tests": 170, "bench_kernels": 130, "bench_decode": 300}  # on an accelerator
-NEEDED = ("jax", "jaxlib", "numpy", "flax", "safetensors", "tokenizers", "jinja2", "tqdm", "matplotlib",
-          "pytest", "hypothesis")
+NEEDED = (
+  "jax",
+  "jaxlib",
+  "numpy",
+  "flax",
+  "safetensors",
+  "tokenizers",
+  "jinja2",
+  "tqdm",
+  "matplotlib",
+  "pytest",
+  "hypothesis",
+)
 OTHERS = ("jax-cuda13-plugin", "jax-cuda12-plugin", "triton", "pytest-xdist", "orbax-checkpoint", "gguf")
 PROBE = f"""
 import importlib.metadata as md, importlib.util as iu, json, platform, re, sys
@@ -64,12 +75,20 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--rehearse", action="store_true", help="CPU rehearsal: tiny sizes, kernels interpreted")
   p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
-  p.add_argument("--deadline-s", type=float, default=None,
-                 help="start no stage after this many seconds; a running one is cut at it "
-                      "(default 420 on an accelerator, 1200 rehearsing)")
+  p.add_argument(
+    "--deadline-s",
+    type=float,
+    default=None,
+    help="start no stage after this many seconds; a running one is cut at it "
+    "(default 420 on an accelerator, 1200 rehearsing)",
+  )
   p.add_argument("--out", default=None, help="also copy every file written into this folder (the run's $OUT)")
-  p.add_argument("--pytest-workers", type=int, default=None,
-                 help="pytest-xdist workers for the kernel tests (default: 4 on a GPU when xdist is there)")
+  p.add_argument(
+    "--pytest-workers",
+    type=int,
+    default=None,
+    help="pytest-xdist workers for the kernel tests (default: 4 on a GPU when xdist is there)",
+  )
   return p.parse_args(argv)
 
 
@@ -78,8 +97,9 @@ def run_logged(cmd: list[str], log, limit_s: float, env: dict) -> dict:
   log.write(f"\n===== {' '.join(cmd)} (limit {limit_s:.0f} s) =====\n")
   log.flush()
   t0 = time.monotonic()
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          process_group=0)
+  proc = subprocess.Popen(
+    cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, process_group=0
+  )
   killed = threading.Event()
 
   def kill():
@@ -111,8 +131,9 @@ def junit_summary(path: Path) -> dict:
   for c in ET.parse(path).getroot().iter("testcase"):
     bad, skip = next((x for x in c if x.tag in ("failure", "error")), None), c.find("skipped")
     if bad is not None:
-      failed.append({"test": f"{c.get('classname')}::{c.get('name')}",
-                     "message": (bad.get("message") or "")[:600]})
+      failed.append(
+        {"test": f"{c.get('classname')}::{c.get('name')}", "message": (bad.get("message") or "")[:600]}
+      )
     elif skip is not None:
       skipped[skip.get("message") or ""] = skipped.get(skip.get("message") or "", 0) + 1
     counts["failed" if bad is not None else "skipped" if skip is not None else "passed"] += 1
@@ -122,8 +143,18 @@ def junit_summary(path: Path) -> dict:
 def kernel_tests(a, probe, stem, env, limit_s):
   """Each stage: (command, environment, finish(result) that adds what the stage left behind)."""
   xml = RESULTS / f"tmp_{stem}_junit.xml"
-  cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", "--durations=8",
-         f"--junitxml={xml}", "tests/kernels"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "pytest",
+    "-q",
+    "-p",
+    "no:cacheprovider",
+    "-rfEs",
+    "--durations=8",
+    f"--junitxml={xml}",
+    "tests/kernels",
+  ]
   workers = a.pytest_workers
   if workers is None:
     workers = 4 if probe["backend"] == "gpu" and probe["versions"].get("pytest-xdist") else 0
@@ -136,6 +167,7 @@ def kernel_tests(a, probe, stem, env, limit_s):
   def finish(result):
     result.update(junit_summary(xml), pytest_workers=workers)
     xml.unlink(missing_ok=True)
+
   return cmd, env, finish
 
 
@@ -143,8 +175,11 @@ def bench_kernels(a, probe, stem, env, limit_s):
   """bench_kernels.py names its files itself; they are renamed after the device (and anything they
   would have replaced is put back)."""
   package = (REPO / "experiments" / "__init__.py").exists()
-  cmd = ([sys.executable, "-m", "experiments.bench_kernels"] if package
-         else [sys.executable, "experiments/bench_kernels.py"]) + ["--quick"] * a.rehearse
+  cmd = (
+    [sys.executable, "-m", "experiments.bench_kernels"]
+    if package
+    else [sys.executable, "experiments/bench_kernels.py"]
+  ) + ["--quick"] * a.rehearse
   produced = [RESULTS / f"bench_kernels{'_quick' * a.rehearse}.{ext}" for ext in ("json", "png")]
   saved = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in produced if p.exists()}
 
@@ -157,16 +192,25 @@ def bench_kernels(a, probe, stem, env, limit_s):
         result["files"].append(dst.name)
       if p in saved and not p.exists():
         p.write_bytes(saved[p][0])
+
   return cmd, env, finish
 
 
 def bench_decode(a, probe, stem, env, limit_s):
   name = stem.replace("device_check", "bench_decode_device")
-  cmd = [sys.executable, "-m", "experiments.bench_decode_device", "--name", name,
-         "--deadline-s", str(max(limit_s - 90, 10))] + ["--rehearse"] * a.rehearse
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.bench_decode_device",
+    "--name",
+    name,
+    "--deadline-s",
+    str(max(limit_s - 90, 10)),
+  ] + ["--rehearse"] * a.rehearse
 
   def finish(result):
     result["files"] = [f"{name}.{ext}" for ext in ("json", "png") if (RESULTS / f"{name}.{ext}").exists()]
+
   return cmd, env, finish
 
 
@@ -177,13 +221,14 @@ def main(argv=None) -> int:
   a = parse_args(argv)
   t0 = time.monotonic()
   env = dict(os.environ, PYTHONUNBUFFERED="1")
-  out = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=300)
+  out = subprocess.run(
+    [sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+  )
   line = next((l for l in out.stdout.splitlines() if l.startswith("PROBE ")), None)
   if line is None:
     print(out.stdout + out.stderr, file=sys.stderr)
     return 3
-  probe = json.loads(line[len("PROBE "):])
+  probe = json.loads(line[len("PROBE ") :])
   accel = probe["backend"] in ("gpu", "tpu")
   if not accel and not a.rehearse:
     print(f"no accelerator ({probe['backend']}): run with --rehearse on CPU", file=sys.stderr)
@@ -191,9 +236,15 @@ def main(argv=None) -> int:
   deadline = a.deadline_s if a.deadline_s is not None else (420 if accel else 1200)
   stem = f"{'tmp_rehearse_' if a.rehearse else ''}device_check_{probe['slug']}"
   RESULTS.mkdir(parents=True, exist_ok=True)
-  report = {"script": "device_check.py", "rehearse": a.rehearse, "deadline_s": deadline,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "probe": probe, "nvidia_smi": nvidia_smi(), "stages": {}}
+  report = {
+    "script": "device_check.py",
+    "rehearse": a.rehearse,
+    "deadline_s": deadline,
+    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "probe": probe,
+    "nvidia_smi": nvidia_smi(),
+    "stages": {},
+  }
   print(json.dumps(probe, indent=1), flush=True)
   with open(RESULTS / f"{stem}.log", "w") as log:
     for stage in a.stages:
@@ -215,16 +266,28 @@ def main(argv=None) -> int:
       write_report(report, stem, a.out)
   report["ok"] = all(s.get("rc") == 0 for s in report["stages"].values() if "skipped" not in s)
   write_report(report, stem, a.out)
-  print(json.dumps({k: {f: v.get(f) for f in ("rc", "wall_s", "counts", "skipped")}
-                    for k, v in report["stages"].items()}, indent=1))
+  print(
+    json.dumps(
+      {k: {f: v.get(f) for f in ("rc", "wall_s", "counts", "skipped")} for k, v in report["stages"].items()},
+      indent=1,
+    )
+  )
   return 0 if report["ok"] else 1
 
 
 def nvidia_smi() -> str | None:
   if shutil.which("nvidia-smi") is None:
     return None
-  r = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm,"
-                      "clocks.max.mem", "--format=csv"], capture_output=True, text=True, timeout=30)
+  r = subprocess.run(
+    [
+      "nvidia-smi",
+      "--query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem",
+      "--format=csv",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=30,
+  )
   return (r.stdout + r.stderr).strip()
 
 

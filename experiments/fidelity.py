@@ -31,13 +31,24 @@ from adakv_jax import model as model_lib
 from adakv_jax.generation import pad_rows
 from experiments import common
 
-PRESSES = ("snapkv", "ada-snapkv", "pyramidkv", "ada-pyramidkv", "h2o", "ada-h2o", "streamingllm", "knorm",
-           "random")
+PRESSES = (
+  "snapkv",
+  "ada-snapkv",
+  "pyramidkv",
+  "ada-pyramidkv",
+  "h2o",
+  "ada-h2o",
+  "streamingllm",
+  "knorm",
+  "random",
+)
 # open questions, so that the reference answer rarely ends (EOS) before M tokens
-QUESTIONS = ("Explain in detail what the text above says.",
-             "Describe the main ideas of the text above in a few sentences.",
-             "Which Python keywords or statements does the text above describe? Explain each one.",
-             "Summarise the text above for a beginner, step by step.")
+QUESTIONS = (
+  "Explain in detail what the text above says.",
+  "Describe the main ideas of the text above in a few sentences.",
+  "Which Python keywords or statements does the text above describe? Explain each one.",
+  "Summarise the text above for a beginner, step by step.",
+)
 MODES = ("aware", "agnostic")
 
 
@@ -125,7 +136,7 @@ def teacher_force(params, cfg, cache, toks, n_valid, first, m: int):
 
 def eos_mask(ys, eos) -> np.ndarray:
   """valid[b, j]: the distribution after y_{j+1} counts iff no EOS among y_1..y_{j+1}."""
-  return np.array([[not any(t in eos for t in y[:j + 1]) for j in range(len(y))] for y in ys])
+  return np.array([[not any(t in eos for t in y[: j + 1]) for j in range(len(y))] for y in ys])
 
 
 def capture_mode(params, cfg, mode, items, presses, m: int, page_size: int):
@@ -135,8 +146,10 @@ def capture_mode(params, cfg, mode, items, presses, m: int, page_size: int):
   colsum = any(press is not None and press.needs_colsum for press in presses)
   cap = common.capture(params, cfg, prompts, window=32, with_colsum=colsum)
   room = m + (max(len(it["q"]) for it in items) if mode == "agnostic" else 0)
-  return {"cap": cap, "plan": common.fitting_plan(cfg, [cap.lens], [None, *presses], room=room,
-                                                  page_size=page_size)}
+  return {
+    "cap": cap,
+    "plan": common.fitting_plan(cfg, [cap.lens], [None, *presses], room=room, page_size=page_size),
+  }
 
 
 def add_reference(params, cfg, st, mode, items, ys, m):
@@ -160,19 +173,21 @@ def evaluate(params, cfg, st, press, mode, m, valid):
   kl0, agree0 = (np.asarray(x) for x in kl_and_agree(st["ref_first"][:, None], fst[:, None]))
   full_entries = np.asarray(cap.lens) * cfg.num_layers * cfg.num_kv_heads
   return {
-      "kl_mean": float(kl[valid].mean()),
-      "top1_agreement": float(agree[valid].mean()),
-      "retained_mass": float(mass.mean()),
-      "kl_first_token": float(kl0.mean()) if mode == "agnostic" else 0.0,
-      "top1_first_token": float(agree0.mean()) if mode == "agnostic" else 1.0,
-      "kept_fraction": float((kept / full_entries).mean()),
-      **mem,
-      "allocated_mib": mem["allocated_bytes"] / 2**20,
-      "attn_out_rel_error": float(attn_err.mean()),
-      "attn_out_rel_error_per_layer": [round(float(x), 5) for x in attn_err],
-      "per_context": {"kl_mean": [float(kl[b][valid[b]].mean()) for b in range(len(kl))],
-                      "top1_agreement": [float(agree[b][valid[b]].mean()) for b in range(len(kl))],
-                      "retained_mass": mass.mean(axis=0).tolist()},
+    "kl_mean": float(kl[valid].mean()),
+    "top1_agreement": float(agree[valid].mean()),
+    "retained_mass": float(mass.mean()),
+    "kl_first_token": float(kl0.mean()) if mode == "agnostic" else 0.0,
+    "top1_first_token": float(agree0.mean()) if mode == "agnostic" else 1.0,
+    "kept_fraction": float((kept / full_entries).mean()),
+    **mem,
+    "allocated_mib": mem["allocated_bytes"] / 2**20,
+    "attn_out_rel_error": float(attn_err.mean()),
+    "attn_out_rel_error_per_layer": [round(float(x), 5) for x in attn_err],
+    "per_context": {
+      "kl_mean": [float(kl[b][valid[b]].mean()) for b in range(len(kl))],
+      "top1_agreement": [float(agree[b][valid[b]].mean()) for b in range(len(kl))],
+      "retained_mass": mass.mean(axis=0).tolist(),
+    },
   }
 
 
@@ -206,8 +221,11 @@ def plot(rows, budgets, presses, name, pool="max", kernel=7):
   axes[2, 0].set_ylabel("KL (nats)")
   handles, labels = axes[0, 0].get_legend_handles_labels()
   fig.legend(handles, labels, loc="lower center", ncol=len(presses), fontsize=8, bbox_to_anchor=(0.5, -0.02))
-  fig.suptitle("SmolLM2-135M-Instruct, ~1K-token pydoc contexts, teacher-forced 32-token continuation "
-               f"(SnapKV family: {pool}-pool k={kernel}; w=32, alpha=0.2, kv-head GQA)", fontsize=10)
+  fig.suptitle(
+    "SmolLM2-135M-Instruct, ~1K-token pydoc contexts, teacher-forced 32-token continuation "
+    f"(SnapKV family: {pool}-pool k={kernel}; w=32, alpha=0.2, kv-head GQA)",
+    fontsize=10,
+  )
   fig.tight_layout()
   common.save_png(fig, name)
 
@@ -222,45 +240,82 @@ def main():
   name = common.out_name("fidelity", a.quick)
   if a.replot:
     d = common.read_json(name)
-    return plot(d["rows"], d["meta"]["args"]["budgets"], d["meta"]["args"]["presses"], name,
-                d["meta"]["args"].get("pool", "max"), d["meta"]["args"].get("kernel", 7))
+    return plot(
+      d["rows"],
+      d["meta"]["args"]["budgets"],
+      d["meta"]["args"]["presses"],
+      name,
+      d["meta"]["args"].get("pool", "max"),
+      d["meta"]["args"].get("kernel", 7),
+    )
   with common.Timer() as total:
     cfg, params, tok = common.load()
     items = build_contexts(tok, a.contexts, a.ctx_tokens)
     eos = set(tok.eos_token_ids) | set(cfg.eos_token_ids)
     grid = [(m, p, b) for m in MODES for p in a.presses for b in a.budgets]
     presses = {(p, b): common.build_press(p, a, budget=b, **pooling(p, a)) for _, p, b in grid}
-    states = {mode: capture_mode(params, cfg, mode, items, list(presses.values()), a.new_tokens, a.page_size)
-              for mode in MODES}
+    states = {
+      mode: capture_mode(params, cfg, mode, items, list(presses.values()), a.new_tokens, a.page_size)
+      for mode in MODES
+    }
     # the reference continuation: greedy from the full cache of the question-aware prompt, fixed length
     aware = states["aware"]
     cache, _, _ = common.compress(cfg, aware["cap"], None, aware["plan"])
-    ys = common.decode(params, cfg, common.greedy_first(aware["cap"].logits_BV), cache,
-                       max_new_tokens=a.new_tokens)
+    ys = common.decode(
+      params, cfg, common.greedy_first(aware["cap"].logits_BV), cache, max_new_tokens=a.new_tokens
+    )
     valid = eos_mask(ys, eos)
     for mode in MODES:
       add_reference(params, cfg, states[mode], mode, items, ys, a.new_tokens)
-    sanity = {mode: {"full_vs_reference_top1": float(np.mean(np.asarray(
-        jnp.argmax(states[mode]["ref_y"][:, :-1], -1)) == np.asarray(ys)[:, 1:]))} for mode in MODES}
+    sanity = {
+      mode: {
+        "full_vs_reference_top1": float(
+          np.mean(np.asarray(jnp.argmax(states[mode]["ref_y"][:, :-1], -1)) == np.asarray(ys)[:, 1:])
+        )
+      }
+      for mode in MODES
+    }
     rows = []
     for mode, pname, budget in tqdm(grid, desc="fidelity"):
       with common.Timer() as t:
         r = evaluate(params, cfg, states[mode], presses[(pname, budget)], mode, a.new_tokens, valid)
       rows.append({"mode": mode, "press": pname, "budget": budget, **r, "wall_s": round(t.s, 2)})
   payload = {
-      "meta": common.run_meta(a, wall_s=round(total.s, 1), new_tokens=a.new_tokens,
-                              questions=list(QUESTIONS[:a.contexts])),
-      "contexts": [{"preview": it["preview"], "question": it["question"], "context_tokens": len(it["ctx"]),
-                    "question_tokens": len(it["q"]), "reference": tok.decode(y),
-                    "valid_positions": int(v.sum())} for it, y, v in zip(items, ys, valid)],
-      "reference_sanity": sanity,
-      "rows": rows,
+    "meta": common.run_meta(
+      a, wall_s=round(total.s, 1), new_tokens=a.new_tokens, questions=list(QUESTIONS[: a.contexts])
+    ),
+    "contexts": [
+      {
+        "preview": it["preview"],
+        "question": it["question"],
+        "context_tokens": len(it["ctx"]),
+        "question_tokens": len(it["q"]),
+        "reference": tok.decode(y),
+        "valid_positions": int(v.sum()),
+      }
+      for it, y, v in zip(items, ys, valid)
+    ],
+    "reference_sanity": sanity,
+    "rows": rows,
   }
   common.write_json(name, payload)
   plot(rows, a.budgets, a.presses, name, a.pool, a.kernel)
-  common.print_table(rows, ["mode", "press", "budget", "kl_mean", "top1_agreement", "retained_mass",
-                            "kl_first_token", "attn_out_rel_error", "kept_fraction", "allocated_mib",
-                            "padding_overhead"])
+  common.print_table(
+    rows,
+    [
+      "mode",
+      "press",
+      "budget",
+      "kl_mean",
+      "top1_agreement",
+      "retained_mass",
+      "kl_first_token",
+      "attn_out_rel_error",
+      "kept_fraction",
+      "allocated_mib",
+      "padding_overhead",
+    ],
+  )
   print(f"total {total.s:.0f}s")
 
 

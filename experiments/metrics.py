@@ -26,8 +26,10 @@ from collections import Counter
 
 # ---- LongBench: normalisation and F1 ---------------------------------------------------------------
 
-CN_PUNCTUATION = ("！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝"
-                  "〞〟〰〾〿–—‘’‛“”„‟…‧﹏.")
+CN_PUNCTUATION = (
+  "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝"
+  "〞〟〰〾〿–—‘’‛“”„‟…‧﹏."
+)
 
 
 def normalize_answer(s: str) -> str:
@@ -61,9 +63,11 @@ def _jieba():
   try:
     import jieba
   except ImportError as e:
-    raise ImportError("the Chinese LongBench datasets (multifieldqa_zh, dureader, vcsum, lsht, "
-                      "passage_retrieval_zh) are scored on jieba word segmentation: pip install jieba "
-                      "(the English datasets do not need it)") from e
+    raise ImportError(
+      "the Chinese LongBench datasets (multifieldqa_zh, dureader, vcsum, lsht, "
+      "passage_retrieval_zh) are scored on jieba word segmentation: pip install jieba "
+      "(the English datasets do not need it)"
+    ) from e
   jieba.setLogLevel(60)  # silence "Building prefix dict" chatter
   return jieba
 
@@ -76,6 +80,7 @@ def qa_f1_zh_score(prediction: str, ground_truth: str, **_) -> float:
 
 
 # ---- LongBench: ROUGE-L (pltrdy `rouge` 1.0.1 semantics) -------------------------------------------
+
 
 def _sentences(text: str) -> list[str]:
   """rouge.Rouge._get_scores: split on ".", drop empty pieces, collapse whitespace inside each."""
@@ -129,11 +134,13 @@ def rouge_score(prediction: str, ground_truth: str, **_) -> float:
 
 def rouge_zh_score(prediction: str, ground_truth: str, **_) -> float:
   jieba = _jieba()
-  return rouge_score(" ".join(jieba.cut(prediction, cut_all=False)),
-                     " ".join(jieba.cut(ground_truth, cut_all=False)))
+  return rouge_score(
+    " ".join(jieba.cut(prediction, cut_all=False)), " ".join(jieba.cut(ground_truth, cut_all=False))
+  )
 
 
 # ---- LongBench: classification, retrieval, count, code ---------------------------------------------
+
 
 def classification_score(prediction: str, ground_truth: str, all_classes=(), **_) -> float:
   """1/k when the true class is among the k class names found in the prediction.
@@ -142,7 +149,7 @@ def classification_score(prediction: str, ground_truth: str, all_classes=(), **_
   skips the element after each removed one): scores then match the published numbers.
   """
   matches = [c for c in all_classes if c in prediction]
-  for term in matches:  # noqa: B007 -- mutation while iterating is the official behaviour
+  for term in matches:
     if term in ground_truth and term != ground_truth:
       matches.remove(term)
   return 1.0 / len(matches) if ground_truth in matches else 0.0
@@ -184,13 +191,27 @@ def code_sim_score(prediction: str, ground_truth: str, **_) -> float:
 
 
 DATASET2METRIC = {
-    "narrativeqa": qa_f1_score, "qasper": qa_f1_score, "multifieldqa_en": qa_f1_score,
-    "multifieldqa_zh": qa_f1_zh_score, "hotpotqa": qa_f1_score, "2wikimqa": qa_f1_score,
-    "musique": qa_f1_score, "dureader": rouge_zh_score, "gov_report": rouge_score, "qmsum": rouge_score,
-    "multi_news": rouge_score, "vcsum": rouge_zh_score, "trec": classification_score,
-    "triviaqa": qa_f1_score, "samsum": rouge_score, "lsht": classification_score,
-    "passage_retrieval_en": retrieval_score, "passage_count": count_score,
-    "passage_retrieval_zh": retrieval_zh_score, "lcc": code_sim_score, "repobench-p": code_sim_score,
+  "narrativeqa": qa_f1_score,
+  "qasper": qa_f1_score,
+  "multifieldqa_en": qa_f1_score,
+  "multifieldqa_zh": qa_f1_zh_score,
+  "hotpotqa": qa_f1_score,
+  "2wikimqa": qa_f1_score,
+  "musique": qa_f1_score,
+  "dureader": rouge_zh_score,
+  "gov_report": rouge_score,
+  "qmsum": rouge_score,
+  "multi_news": rouge_score,
+  "vcsum": rouge_zh_score,
+  "trec": classification_score,
+  "triviaqa": qa_f1_score,
+  "samsum": rouge_score,
+  "lsht": classification_score,
+  "passage_retrieval_en": retrieval_score,
+  "passage_count": count_score,
+  "passage_retrieval_zh": retrieval_zh_score,
+  "lcc": code_sim_score,
+  "repobench-p": code_sim_score,
 }
 FIRST_LINE_DATASETS = ("trec", "triviaqa", "samsum", "lsht")  # few-shot: only the first line counts
 
@@ -203,8 +224,7 @@ def longbench_sample_score(dataset: str, prediction: str, answers: list[str], al
   return max((metric(prediction, gt, all_classes=all_classes) for gt in answers), default=0.0)
 
 
-def longbench_score(dataset: str, predictions: list[str], answers: list[list[str]],
-                    all_classes=()) -> float:
+def longbench_score(dataset: str, predictions: list[str], answers: list[list[str]], all_classes=()) -> float:
   """eval.py's `scorer`: mean best-over-answers score x 100, rounded to 2 decimals."""
   if not predictions:
     return float("nan")
@@ -213,6 +233,7 @@ def longbench_score(dataset: str, predictions: list[str], answers: list[list[str
 
 
 # ---- RULER -----------------------------------------------------------------------------------------
+
 
 def ruler_postprocess(prediction: str) -> str:
   """RULER's postprocess_pred: control characters become newlines, then strip."""

@@ -35,7 +35,7 @@ def parse_args():
   p.add_argument("--keys", type=int, default=5, help="pass keys per depth")
   p.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256])
   p.add_argument("--presses", nargs="+", default=list(PRESSES))
-  p.add_argument("--new-tokens", type=int, default=12, help="the answer \"The pass key is NNNNN\" takes 10")
+  p.add_argument("--new-tokens", type=int, default=12, help='the answer "The pass key is NNNNN" takes 10')
   p.add_argument("--seed", type=int, default=0)
   common.add_press_args(p)
   a = p.parse_args()
@@ -60,9 +60,14 @@ def build_trial(tok, filler: str, depth: float, key: str):
   after = tok.encode(filler[cut:] + "\n\n" + QUESTION + tail, add_special_tokens=False)
   digits = [len(before) + i for i, t in enumerate(needle) if tok.decode([t]).strip().isdigit()]
   half = len(digits) // 2  # the key is mentioned twice
-  return {"ids": before + needle + after, "key": key, "depth": depth, "key_positions": digits,
-          "mentions": [digits[:half], digits[half:]],
-          "depth_actual": len(before) / (len(before) + len(needle) + len(after))}
+  return {
+    "ids": before + needle + after,
+    "key": key,
+    "depth": depth,
+    "key_positions": digits,
+    "mentions": [digits[:half], digits[half:]],
+    "depth_actual": len(before) / (len(before) + len(needle) + len(after)),
+  }
 
 
 def key_kept(positions_NBHC: np.ndarray, trials) -> tuple[np.ndarray, np.ndarray]:
@@ -85,22 +90,35 @@ def run_config(params, cfg, tok, cap, plan, trials, press, a, eos):
     kept = one = np.ones(len(trials))
   else:
     kept, one = key_kept(np.asarray(info["positions"]), trials)
-  answers = common.decode(params, cfg, common.greedy_first(cap.logits_BV), cache, max_new_tokens=a.new_tokens,
-                          eos_ids=eos)
+  answers = common.decode(
+    params, cfg, common.greedy_first(cap.logits_BV), cache, max_new_tokens=a.new_tokens, eos_ids=eos
+  )
   out = []
   for t, ids, k, k1 in zip(trials, answers, kept, one):
     text = tok.decode(ids)
-    out.append({"key": t["key"], "depth": t["depth"], "answer": text, "success": t["key"] in text.replace(" ", ""),
-                "key_kept_layer_head_fraction": float(k), "one_mention_kept_layer_head_fraction": float(k1)})
+    out.append(
+      {
+        "key": t["key"],
+        "depth": t["depth"],
+        "answer": text,
+        "success": t["key"] in text.replace(" ", ""),
+        "key_kept_layer_head_fraction": float(k),
+        "one_mention_kept_layer_head_fraction": float(k1),
+      }
+    )
   return out, mem
 
 
 def summarise(pname, budget, results, depths, mem):
-  row = {"press": pname, "budget": budget if pname != "full" else None,
-         "accuracy": float(np.mean([r["success"] for r in results])),
-         "key_kept_layer_head_fraction": float(np.mean([r["key_kept_layer_head_fraction"] for r in results])),
-         "one_mention_kept_layer_head_fraction": float(np.mean([r["one_mention_kept_layer_head_fraction"]
-                                                                for r in results]))}
+  row = {
+    "press": pname,
+    "budget": budget if pname != "full" else None,
+    "accuracy": float(np.mean([r["success"] for r in results])),
+    "key_kept_layer_head_fraction": float(np.mean([r["key_kept_layer_head_fraction"] for r in results])),
+    "one_mention_kept_layer_head_fraction": float(
+      np.mean([r["one_mention_kept_layer_head_fraction"] for r in results])
+    ),
+  }
   for d in depths:
     row[f"acc@{d:g}"] = float(np.mean([r["success"] for r in results if r["depth"] == d]))
   row.update(mem, allocated_mib=mem["allocated_bytes"] / 2**20)
@@ -111,9 +129,12 @@ def plot(rows, depths, name, n_keys, prompt_tokens):
   plt = common.pyplot()
   labels = [r["press"] + ("" if r["budget"] is None else f"@{r['budget']}") for r in rows]
   acc = np.array([[r[f"acc@{d:g}"] for d in depths] for r in rows])
-  kept = np.array([[r["key_kept_layer_head_fraction"], r["one_mention_kept_layer_head_fraction"]] for r in rows])
-  fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 0.45 * len(rows) + 2),
-                                gridspec_kw={"width_ratios": [len(depths), 2]})
+  kept = np.array(
+    [[r["key_kept_layer_head_fraction"], r["one_mention_kept_layer_head_fraction"]] for r in rows]
+  )
+  fig, (ax, ax2) = plt.subplots(
+    1, 2, figsize=(9, 0.45 * len(rows) + 2), gridspec_kw={"width_ratios": [len(depths), 2]}
+  )
   im = ax.imshow(acc, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
   for (i, j), v in np.ndenumerate(acc):
     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=9)
@@ -128,8 +149,11 @@ def plot(rows, depths, name, n_keys, prompt_tokens):
   ax2.set_xticks([0, 1], ["both\nmentions", "one\nmention"])
   ax2.set_title("(layer, head) pairs keeping\nevery digit of the key", fontsize=9)
   ax2.set_yticks([])
-  fig.suptitle(f"SmolLM2-135M-Instruct, {min(prompt_tokens)}-{max(prompt_tokens)}-token prompts, "
-               "question-aware (max-pool k=7, w=32, alpha=0.2)", fontsize=9)
+  fig.suptitle(
+    f"SmolLM2-135M-Instruct, {min(prompt_tokens)}-{max(prompt_tokens)}-token prompts, "
+    "question-aware (max-pool k=7, w=32, alpha=0.2)",
+    fontsize=9,
+  )
   fig.tight_layout()
   common.save_png(fig, name)
 
@@ -151,27 +175,43 @@ def main():
     presses = {(p, b): common.build_press(p, a, **({} if b is None else {"budget": b})) for p, b in grid}
     colsum = any(press is not None and press.needs_colsum for press in presses.values())
     cap = common.capture(params, cfg, [t["ids"] for t in trials], window=32, with_colsum=colsum)
-    plan = common.fitting_plan(cfg, [cap.lens], list(presses.values()), room=a.new_tokens,
-                               page_size=a.page_size)
+    plan = common.fitting_plan(
+      cfg, [cap.lens], list(presses.values()), room=a.new_tokens, page_size=a.page_size
+    )
     rows, details = [], []
     for pname, budget in tqdm(grid, desc="needle"):
       res, mem = run_config(params, cfg, tok, cap, plan, trials, presses[(pname, budget)], a, eos)
       rows.append(summarise(pname, budget, res, a.depths, mem))
       details.append({"press": pname, "budget": budget, "trials": res})
   payload = {
-      "meta": common.run_meta(a, wall_s=round(total.s, 1), needle=NEEDLE, question=QUESTION, keys=keys,
-                              prompt_tokens=[len(t["ids"]) for t in trials],
-                              depth_actual=[round(t["depth_actual"], 3) for t in trials],
-                              success="the key's 5 digits appear in the greedy answer (spaces removed); "
-                                      "greedy decoding stops at EOS"),
-      "rows": rows,
-      "details": details,
+    "meta": common.run_meta(
+      a,
+      wall_s=round(total.s, 1),
+      needle=NEEDLE,
+      question=QUESTION,
+      keys=keys,
+      prompt_tokens=[len(t["ids"]) for t in trials],
+      depth_actual=[round(t["depth_actual"], 3) for t in trials],
+      success="the key's 5 digits appear in the greedy answer (spaces removed); greedy decoding stops at EOS",
+    ),
+    "rows": rows,
+    "details": details,
   }
   common.write_json(name, payload)
   plot(rows, a.depths, name, len(keys), payload["meta"]["prompt_tokens"])
-  common.print_table(rows, ["press", "budget", "accuracy", *[f"acc@{d:g}" for d in a.depths],
-                            "key_kept_layer_head_fraction", "one_mention_kept_layer_head_fraction",
-                            "allocated_mib", "padding_overhead"])
+  common.print_table(
+    rows,
+    [
+      "press",
+      "budget",
+      "accuracy",
+      *[f"acc@{d:g}" for d in a.depths],
+      "key_kept_layer_head_fraction",
+      "one_mention_kept_layer_head_fraction",
+      "allocated_mib",
+      "padding_overhead",
+    ],
+  )
   print(f"total {total.s:.0f}s")
 
 

@@ -26,8 +26,17 @@ from tqdm import tqdm
 
 from experiments import common
 
-PRESSES = ("snapkv", "ada-snapkv", "pyramidkv", "ada-pyramidkv", "h2o", "ada-h2o", "streamingllm", "knorm",
-           "random")
+PRESSES = (
+  "snapkv",
+  "ada-snapkv",
+  "pyramidkv",
+  "ada-pyramidkv",
+  "h2o",
+  "ada-h2o",
+  "streamingllm",
+  "knorm",
+  "random",
+)
 QUESTION = "Summarise the text above in one sentence."
 
 
@@ -48,9 +57,27 @@ def parse_args():
 
 def cli(prompt_file: str, press: str, budget: int | None, a) -> tuple[dict, float]:
   """One CLI run: (its JSON, wall seconds incl. interpreter start and model load)."""
-  cmd = [sys.executable, "-m", "adakv_jax", "generate", "--model", common.MODEL, "--prompt-file", prompt_file,
-         "--press", press, "--json", "--max-new-tokens", str(a.max_new_tokens), "--backend", common.BACKEND,
-         "--dtype", common.DTYPE, "--page-size", str(a.page_size)]
+  cmd = [
+    sys.executable,
+    "-m",
+    "adakv_jax",
+    "generate",
+    "--model",
+    common.MODEL,
+    "--prompt-file",
+    prompt_file,
+    "--press",
+    press,
+    "--json",
+    "--max-new-tokens",
+    str(a.max_new_tokens),
+    "--backend",
+    common.BACKEND,
+    "--dtype",
+    common.DTYPE,
+    "--page-size",
+    str(a.page_size),
+  ]
   if budget is not None:
     cmd += ["--budget", str(budget), "--granularity", a.granularity]
   with common.Timer() as t:
@@ -70,9 +97,9 @@ def check(out: dict, press_name: str, budget: int, a) -> dict:
   totals = b.sum(-1)
   tail = max(n - press.window, 0) % a.page_size if press.granularity == "page" else 0
   res = {
-      "layer_totals_equal_expected": bool(np.array_equal(totals, expect)),
-      "sum_over_layers": int(totals.sum()),
-      "expected_sum_over_layers": layers * heads * (budget + tail),
+    "layer_totals_equal_expected": bool(np.array_equal(totals, expect)),
+    "sum_over_layers": int(totals.sum()),
+    "expected_sum_over_layers": layers * heads * (budget + tail),
   }
   res["sum_exact"] = res["sum_over_layers"] == res["expected_sum_over_layers"]
   if "pyramid" in press_name:
@@ -87,18 +114,27 @@ def check(out: dict, press_name: str, budget: int, a) -> dict:
 
 
 def row_of(out: dict, press: str, budget, wall: float) -> dict:
-  mib = lambda x: x / 2**20  # noqa: E731
+  mib = lambda x: x / 2**20
   return {
-      "press": press, "budget": budget, "prompt_tokens": out["prompt_tokens"],
-      "cache_mib": mib(out["cache_bytes"]), "kept_mib": mib(out["kept_bytes"]),
-      "decode_room_mib": mib(out["decode_room_bytes"]), "full_cache_mib": mib(out["full_cache_bytes"]),
-      "cache_ratio": out["cache_bytes"] / out["full_cache_bytes"],
-      "padding_overhead": out["padding_overhead"], "page_size": out["page_size"],
-      "pages_used": out["pages_used"], "pages_allocated": out["pages_allocated"],
-      "prefill_s": out["prefill_s"], "compile_s": out["compile_s"],
-      "decode_tokens_per_s": out["decode_tokens_per_s"], "cli_wall_s": round(wall, 1),
-      "retained_mass_mean": float(np.mean(out["retained_mass"])) if "retained_mass" in out else None,
-      "text": out["text"], "notes": out["notes"],
+    "press": press,
+    "budget": budget,
+    "prompt_tokens": out["prompt_tokens"],
+    "cache_mib": mib(out["cache_bytes"]),
+    "kept_mib": mib(out["kept_bytes"]),
+    "decode_room_mib": mib(out["decode_room_bytes"]),
+    "full_cache_mib": mib(out["full_cache_bytes"]),
+    "cache_ratio": out["cache_bytes"] / out["full_cache_bytes"],
+    "padding_overhead": out["padding_overhead"],
+    "page_size": out["page_size"],
+    "pages_used": out["pages_used"],
+    "pages_allocated": out["pages_allocated"],
+    "prefill_s": out["prefill_s"],
+    "compile_s": out["compile_s"],
+    "decode_tokens_per_s": out["decode_tokens_per_s"],
+    "cli_wall_s": round(wall, 1),
+    "retained_mass_mean": float(np.mean(out["retained_mass"])) if "retained_mass" in out else None,
+    "text": out["text"],
+    "notes": out["notes"],
   }
 
 
@@ -110,15 +146,24 @@ def plot(rows, budgets, presses, name):
   for j, bud in enumerate(budgets):
     rs = [next(r for r in rows if r["press"] == p and r["budget"] == bud) for p in presses]
     x = np.arange(len(presses)) + (j - (len(budgets) - 1) / 2) * width
-    ax.bar(x, [r["cache_mib"] for r in rs], width, color=f"C{j}", alpha=0.45,
-           label=f"budget {bud}: allocated")
-    ax.bar(x, [r["kept_mib"] + r["decode_room_mib"] for r in rs], width * 0.5, color=f"C{j}",
-           label=f"budget {bud}: kept + decode room")
+    ax.bar(
+      x, [r["cache_mib"] for r in rs], width, color=f"C{j}", alpha=0.45, label=f"budget {bud}: allocated"
+    )
+    ax.bar(
+      x,
+      [r["kept_mib"] + r["decode_room_mib"] for r in rs],
+      width * 0.5,
+      color=f"C{j}",
+      label=f"budget {bud}: kept + decode room",
+    )
   ax.axhline(full["cache_mib"], color="k", ls="--", label=f"full cache {full['cache_mib']:.1f} MiB")
   ax.set_xticks(range(len(presses)), presses, rotation=20)
   ax.set_ylabel("KV cache during decoding (MiB)")
-  ax.set_title(f"SmolLM2-135M-Instruct, {full['prompt_tokens']}-token prompt via the CLI: allocated vs "
-               f"kept + decode room per press and budget (pages of {full['page_size']})", fontsize=10)
+  ax.set_title(
+    f"SmolLM2-135M-Instruct, {full['prompt_tokens']}-token prompt via the CLI: allocated vs "
+    f"kept + decode room per press and budget (pages of {full['page_size']})",
+    fontsize=10,
+  )
   ax.legend(fontsize=8, ncol=2)
   fig.tight_layout()
   common.save_png(fig, name)
@@ -142,20 +187,49 @@ def main():
       rows.append(row_of(out, press, budget, wall))
       if budget is not None:
         c = check(out, press, budget, a)
-        checks.append({"press": press, "budget": budget, **c, "budgets": out["budgets"],
-                       "layer_totals": out["layer_totals"]})
+        checks.append(
+          {
+            "press": press,
+            "budget": budget,
+            **c,
+            "budgets": out["budgets"],
+            "layer_totals": out["layer_totals"],
+          }
+        )
         rows[-1]["totals_ok"] = c["layer_totals_equal_expected"] and c["sum_exact"]
     os.unlink(fh.name)
-  payload = {"meta": common.run_meta(a, wall_s=round(total.s, 1), question=QUESTION, prompt_text_chars=len(text),
-                                     command="python -m adakv_jax generate --model smollm2-135m --prompt-file F "
-                                             "--press P --budget B --granularity G --page-size S --json "
-                                             "--max-new-tokens N --backend xla"),
-             "rows": rows, "checks": checks}
+  payload = {
+    "meta": common.run_meta(
+      a,
+      wall_s=round(total.s, 1),
+      question=QUESTION,
+      prompt_text_chars=len(text),
+      command="python -m adakv_jax generate --model smollm2-135m --prompt-file F "
+      "--press P --budget B --granularity G --page-size S --json "
+      "--max-new-tokens N --backend xla",
+    ),
+    "rows": rows,
+    "checks": checks,
+  }
   common.write_json(name, payload)
   plot(rows, a.budgets, a.presses, name)
-  common.print_table(rows, ["press", "budget", "cache_mib", "cache_ratio", "kept_mib", "decode_room_mib",
-                            "padding_overhead", "pages_used", "prefill_s", "decode_tokens_per_s", "totals_ok",
-                            "cli_wall_s"])
+  common.print_table(
+    rows,
+    [
+      "press",
+      "budget",
+      "cache_mib",
+      "cache_ratio",
+      "kept_mib",
+      "decode_room_mib",
+      "padding_overhead",
+      "pages_used",
+      "prefill_s",
+      "decode_tokens_per_s",
+      "totals_ok",
+      "cli_wall_s",
+    ],
+  )
   print(f"total {total.s:.0f}s")
 
 

@@ -40,104 +40,586 @@ import jax
 from experiments import common, metrics
 
 DEVIATIONS = [
-    "essay haystack: Python's pydoc_data.topics text instead of Paul Graham's essays (no download); "
-    "it differs between Python versions, so the exact haystack depends on sys.version (recorded)",
-    "key words: adjective-noun pairs from a built-in list instead of the wonderwords package; cwe draws "
-    "its words from the pydoc text's vocabulary",
-    "sentence split of the essay haystack: a regex instead of nltk's sent_tokenize",
-    "vt / fwe few-shot examples are short (a few noise lines / a 10-word vocabulary); RULER's vt example "
-    "may fill up to 500 tokens, which would leave little room at 1K",
-    "distractor and target keys are drawn distinct (RULER does not enforce it)",
-    "with --short-gen the number of generated tokens is capped per task near the answer's length "
-    "(the context is still sized with RULER's tokens_to_generate)",
-    "chat template: the model's own; RULER's answer prefix opens the assistant turn (leading space "
-    "stripped)",
+  "essay haystack: Python's pydoc_data.topics text instead of Paul Graham's essays (no download); "
+  "it differs between Python versions, so the exact haystack depends on sys.version (recorded)",
+  "key words: adjective-noun pairs from a built-in list instead of the wonderwords package; cwe draws "
+  "its words from the pydoc text's vocabulary",
+  "sentence split of the essay haystack: a regex instead of nltk's sent_tokenize",
+  "vt / fwe few-shot examples are short (a few noise lines / a 10-word vocabulary); RULER's vt example "
+  "may fill up to 500 tokens, which would leave little room at 1K",
+  "distractor and target keys are drawn distinct (RULER does not enforce it)",
+  "with --short-gen the number of generated tokens is capped per task near the answer's length "
+  "(the context is still sized with RULER's tokens_to_generate)",
+  "chat template: the model's own; RULER's answer prefix opens the assistant turn (leading space stripped)",
 ]
 
 # ---- RULER's task definitions (synthetic.yaml, constants.py) ---------------------------------------
 
 TASKS = {
-    "niah_single_1": dict(kind="niah", haystack="noise", key="words", value="numbers", k=1, v=1, q=1),
-    "niah_single_2": dict(kind="niah", haystack="essay", key="words", value="numbers", k=1, v=1, q=1),
-    "niah_single_3": dict(kind="niah", haystack="essay", key="words", value="uuids", k=1, v=1, q=1),
-    "niah_multikey_1": dict(kind="niah", haystack="essay", key="words", value="numbers", k=4, v=1, q=1),
-    "niah_multikey_2": dict(kind="niah", haystack="needle", key="words", value="numbers", k=1, v=1, q=1),
-    "niah_multikey_3": dict(kind="niah", haystack="needle", key="uuids", value="uuids", k=1, v=1, q=1),
-    "niah_multivalue": dict(kind="niah", haystack="essay", key="words", value="numbers", k=1, v=4, q=1),
-    "niah_multiquery": dict(kind="niah", haystack="essay", key="words", value="numbers", k=4, v=1, q=4),
-    "vt": dict(kind="vt", chains=1, hops=4),
-    "cwe": dict(kind="cwe", freq_cw=30, freq_ucw=3, num_cw=10),
-    "fwe": dict(kind="fwe", alpha=2.0, coded_wordlen=6, vocab_size=2000),
+  "niah_single_1": dict(kind="niah", haystack="noise", key="words", value="numbers", k=1, v=1, q=1),
+  "niah_single_2": dict(kind="niah", haystack="essay", key="words", value="numbers", k=1, v=1, q=1),
+  "niah_single_3": dict(kind="niah", haystack="essay", key="words", value="uuids", k=1, v=1, q=1),
+  "niah_multikey_1": dict(kind="niah", haystack="essay", key="words", value="numbers", k=4, v=1, q=1),
+  "niah_multikey_2": dict(kind="niah", haystack="needle", key="words", value="numbers", k=1, v=1, q=1),
+  "niah_multikey_3": dict(kind="niah", haystack="needle", key="uuids", value="uuids", k=1, v=1, q=1),
+  "niah_multivalue": dict(kind="niah", haystack="essay", key="words", value="numbers", k=1, v=4, q=1),
+  "niah_multiquery": dict(kind="niah", haystack="essay", key="words", value="numbers", k=4, v=1, q=4),
+  "vt": dict(kind="vt", chains=1, hops=4),
+  "cwe": dict(kind="cwe", freq_cw=30, freq_ucw=3, num_cw=10),
+  "fwe": dict(kind="fwe", alpha=2.0, coded_wordlen=6, vocab_size=2000),
 }
 TOKENS_TO_GENERATE = {"niah": 128, "vt": 30, "cwe": 120, "fwe": 50}
 # --short-gen: about the answer's length in SmolLM2 tokens plus a margin (a 7-digit number is 9 tokens
 # with its period, a uuid 37, "1. word" about 4); the context is sized with RULER's numbers regardless.
-SHORT_GEN = {"niah_single_1": 16, "niah_single_2": 16, "niah_single_3": 48, "niah_multikey_1": 16,
-             "niah_multikey_2": 16, "niah_multikey_3": 48, "niah_multivalue": 56, "niah_multiquery": 64,
-             "vt": 30, "cwe": 56, "fwe": 24}
+SHORT_GEN = {
+  "niah_single_1": 16,
+  "niah_single_2": 16,
+  "niah_single_3": 48,
+  "niah_multikey_1": 16,
+  "niah_multikey_2": 16,
+  "niah_multikey_3": 48,
+  "niah_multivalue": 56,
+  "niah_multiquery": 64,
+  "vt": 30,
+  "cwe": 56,
+  "fwe": 24,
+}
 
 TEMPLATES = {
-    "niah": ("Some special magic {type_needle_v} are hidden within the following text. Make sure to "
-             "memorize it. I will quiz you about the {type_needle_v} afterwards.\n{context}\nWhat are all "
-             "the special magic {type_needle_v} for {query} mentioned in the provided text?"),
-    "vt": ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
-           "{context}\nQuestion: Find all variables that are assigned the value {query} in the text above."),
-    "cwe": ("Below is a numbered list of words. In these words, some appear more often than others. "
-            "Memorize the ones that appear most often.\n{context}\nQuestion: What are the 10 most common "
-            "words in the above list?"),
-    "fwe": ("Read the following coded text and track the frequency of each coded word. Find the three "
-            "most frequently appeared coded words. {context}\nQuestion: Do not provide any explanation. "
-            "Please ignore the dots '....'. What are the three most frequently appeared words in the "
-            "above coded text?"),
+  "niah": (
+    "Some special magic {type_needle_v} are hidden within the following text. Make sure to "
+    "memorize it. I will quiz you about the {type_needle_v} afterwards.\n{context}\nWhat are all "
+    "the special magic {type_needle_v} for {query} mentioned in the provided text?"
+  ),
+  "vt": (
+    "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
+    "{context}\nQuestion: Find all variables that are assigned the value {query} in the text above."
+  ),
+  "cwe": (
+    "Below is a numbered list of words. In these words, some appear more often than others. "
+    "Memorize the ones that appear most often.\n{context}\nQuestion: What are the 10 most common "
+    "words in the above list?"
+  ),
+  "fwe": (
+    "Read the following coded text and track the frequency of each coded word. Find the three "
+    "most frequently appeared coded words. {context}\nQuestion: Do not provide any explanation. "
+    "Please ignore the dots '....'. What are the three most frequently appeared words in the "
+    "above coded text?"
+  ),
 }
 ANSWER_PREFIXES = {
-    "niah": " The special magic {type_needle_v} for {query} mentioned in the provided text are",
-    # "assgined" is RULER's spelling
-    "vt": (" Answer: According to the chain(s) of variable assignment in the text above, {num_v} "
-           "variables are assgined the value {query}, they are: "),
-    "cwe": " Answer: The top 10 words that appear most often in the list are:",
-    "fwe": " Answer: According to the coded text above, the three most frequently appeared words are:",
+  "niah": " The special magic {type_needle_v} for {query} mentioned in the provided text are",
+  # "assgined" is RULER's spelling
+  "vt": (
+    " Answer: According to the chain(s) of variable assignment in the text above, {num_v} "
+    "variables are assgined the value {query}, they are: "
+  ),
+  "cwe": " Answer: The top 10 words that appear most often in the list are:",
+  "fwe": " Answer: According to the coded text above, the three most frequently appeared words are:",
 }
 NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 DEPTHS = [round(100 * i / 39) for i in range(40)]  # np.round(np.linspace(0, 100, 40))
 
-ADJECTIVES = (
-    "abundant adorable agreeable alive ancient angry anxious aquatic arrogant ashamed awful bashful bewildered "
-    "bitter black blue bored brave breezy bright broad broken bumpy busy calm careful cheerful chilly clean "
-    "clever cloudy clumsy colossal cool crazy creepy crooked crowded cruel curious curly cynical damp dazzling "
-    "deep defiant delightful dizzy drab dry dusty eager early elated elegant empty enchanting energetic "
-    "enormous envious evil excited fair faithful famous fancy fierce filthy flaky fluffy foolish fragile "
-    "frail frantic fresh friendly frightened funny fuzzy gentle giant gifted glamorous gleaming glorious "
-    "gorgeous graceful greasy great green grumpy handsome happy harsh healthy heavy helpful helpless hollow "
-    "homely huge hungry icy itchy jealous jittery jolly juicy kind large lazy light little lively lonely "
-    "long loud lovely lucky magnificent mellow melodic misty modern mushy mysterious narrow nasty naughty "
-    "nervous nice noisy numerous nutty obedient odd old orange panicky perfect plain pleasant polite "
-    "powerful precious prickly proud puzzled quaint quick quiet rapid rare raspy red rich ripe rotten rough "
-    "round rusty salty scary scrawny selfish shaggy shaky shallow sharp shiny short shy silent silky silly "
-    "skinny slimy slippery small smooth soft sour sparkling spicy splendid spotty square steady sticky "
-    "stormy strange strong stupid sturdy subtle sweet swift tall tame tasty tender tense terrible thirsty "
-    "thoughtful tidy tiny tired tough ugly uneven upset vast victorious vivacious wandering warm weary wet "
-    "whispering wicked wide wild windy wise witty wooden worried wrong yellow young zany zealous").split()
-NOUNS = (
-    "account actor airport alarm anchor angle animal answer apple argument army arrow attic author baby "
-    "badge bakery balloon banana band barn basket battle beach beard bell berry bicycle bird blanket blossom "
-    "boat bone book boot bottle boundary branch bread breakfast brick bridge brother bubble bucket building "
-    "butter button cabin cable cactus cake camera camp candle canvas captain carpet castle cattle cave "
-    "cellar chair chalk channel cheese cherry chicken chimney church circle city cliff clock cloud coast "
-    "coffee comet copper corner cotton country cousin crayon creature crowd crown cup curtain cushion "
-    "dance desert diamond dinner doctor dolphin donkey dragon drawer dream drum eagle earth elbow engine "
-    "falcon farm feather fence festival field finger flame flower forest fountain fox frog fruit galaxy "
-    "garden gate ghost giraffe glacier glove goat gold grape grass guitar hammer harbor harvest hat hill "
-    "honey horizon horse hotel island jacket jelly jewel journey kettle kingdom kitten ladder lake lamp "
-    "lantern lemon library lighthouse lion lizard machine magnet maple market meadow melody mirror monkey "
-    "moon mountain museum needle nest ocean office onion orchard owl oyster painter palace parcel parrot "
-    "pasta pebble pencil pepper piano pillow pirate planet pocket pond potato puzzle quilt rabbit rainbow "
-    "record river robot rocket saddle sailor salad sandwich scarf school shadow shelf shoe shortage silver "
-    "singer sister snake soldier spider spoon squirrel stable station statue stone storm stream sugar "
-    "summer sunset swan table teacher temple thunder ticket tiger timber tomato tower trail train treasure "
-    "tree trumpet tunnel turtle umbrella valley velvet village violin volcano wagon wallet walrus water "
-    "whale wheel whistle window winter wizard wolf yacht zebra").split()
+ADJECTIVES = [
+  "abundant",
+  "adorable",
+  "agreeable",
+  "alive",
+  "ancient",
+  "angry",
+  "anxious",
+  "aquatic",
+  "arrogant",
+  "ashamed",
+  "awful",
+  "bashful",
+  "bewildered",
+  "bitter",
+  "black",
+  "blue",
+  "bored",
+  "brave",
+  "breezy",
+  "bright",
+  "broad",
+  "broken",
+  "bumpy",
+  "busy",
+  "calm",
+  "careful",
+  "cheerful",
+  "chilly",
+  "clean",
+  "clever",
+  "cloudy",
+  "clumsy",
+  "colossal",
+  "cool",
+  "crazy",
+  "creepy",
+  "crooked",
+  "crowded",
+  "cruel",
+  "curious",
+  "curly",
+  "cynical",
+  "damp",
+  "dazzling",
+  "deep",
+  "defiant",
+  "delightful",
+  "dizzy",
+  "drab",
+  "dry",
+  "dusty",
+  "eager",
+  "early",
+  "elated",
+  "elegant",
+  "empty",
+  "enchanting",
+  "energetic",
+  "enormous",
+  "envious",
+  "evil",
+  "excited",
+  "fair",
+  "faithful",
+  "famous",
+  "fancy",
+  "fierce",
+  "filthy",
+  "flaky",
+  "fluffy",
+  "foolish",
+  "fragile",
+  "frail",
+  "frantic",
+  "fresh",
+  "friendly",
+  "frightened",
+  "funny",
+  "fuzzy",
+  "gentle",
+  "giant",
+  "gifted",
+  "glamorous",
+  "gleaming",
+  "glorious",
+  "gorgeous",
+  "graceful",
+  "greasy",
+  "great",
+  "green",
+  "grumpy",
+  "handsome",
+  "happy",
+  "harsh",
+  "healthy",
+  "heavy",
+  "helpful",
+  "helpless",
+  "hollow",
+  "homely",
+  "huge",
+  "hungry",
+  "icy",
+  "itchy",
+  "jealous",
+  "jittery",
+  "jolly",
+  "juicy",
+  "kind",
+  "large",
+  "lazy",
+  "light",
+  "little",
+  "lively",
+  "lonely",
+  "long",
+  "loud",
+  "lovely",
+  "lucky",
+  "magnificent",
+  "mellow",
+  "melodic",
+  "misty",
+  "modern",
+  "mushy",
+  "mysterious",
+  "narrow",
+  "nasty",
+  "naughty",
+  "nervous",
+  "nice",
+  "noisy",
+  "numerous",
+  "nutty",
+  "obedient",
+  "odd",
+  "old",
+  "orange",
+  "panicky",
+  "perfect",
+  "plain",
+  "pleasant",
+  "polite",
+  "powerful",
+  "precious",
+  "prickly",
+  "proud",
+  "puzzled",
+  "quaint",
+  "quick",
+  "quiet",
+  "rapid",
+  "rare",
+  "raspy",
+  "red",
+  "rich",
+  "ripe",
+  "rotten",
+  "rough",
+  "round",
+  "rusty",
+  "salty",
+  "scary",
+  "scrawny",
+  "selfish",
+  "shaggy",
+  "shaky",
+  "shallow",
+  "sharp",
+  "shiny",
+  "short",
+  "shy",
+  "silent",
+  "silky",
+  "silly",
+  "skinny",
+  "slimy",
+  "slippery",
+  "small",
+  "smooth",
+  "soft",
+  "sour",
+  "sparkling",
+  "spicy",
+  "splendid",
+  "spotty",
+  "square",
+  "steady",
+  "sticky",
+  "stormy",
+  "strange",
+  "strong",
+  "stupid",
+  "sturdy",
+  "subtle",
+  "sweet",
+  "swift",
+  "tall",
+  "tame",
+  "tasty",
+  "tender",
+  "tense",
+  "terrible",
+  "thirsty",
+  "thoughtful",
+  "tidy",
+  "tiny",
+  "tired",
+  "tough",
+  "ugly",
+  "uneven",
+  "upset",
+  "vast",
+  "victorious",
+  "vivacious",
+  "wandering",
+  "warm",
+  "weary",
+  "wet",
+  "whispering",
+  "wicked",
+  "wide",
+  "wild",
+  "windy",
+  "wise",
+  "witty",
+  "wooden",
+  "worried",
+  "wrong",
+  "yellow",
+  "young",
+  "zany",
+  "zealous",
+]
+NOUNS = [
+  "account",
+  "actor",
+  "airport",
+  "alarm",
+  "anchor",
+  "angle",
+  "animal",
+  "answer",
+  "apple",
+  "argument",
+  "army",
+  "arrow",
+  "attic",
+  "author",
+  "baby",
+  "badge",
+  "bakery",
+  "balloon",
+  "banana",
+  "band",
+  "barn",
+  "basket",
+  "battle",
+  "beach",
+  "beard",
+  "bell",
+  "berry",
+  "bicycle",
+  "bird",
+  "blanket",
+  "blossom",
+  "boat",
+  "bone",
+  "book",
+  "boot",
+  "bottle",
+  "boundary",
+  "branch",
+  "bread",
+  "breakfast",
+  "brick",
+  "bridge",
+  "brother",
+  "bubble",
+  "bucket",
+  "building",
+  "butter",
+  "button",
+  "cabin",
+  "cable",
+  "cactus",
+  "cake",
+  "camera",
+  "camp",
+  "candle",
+  "canvas",
+  "captain",
+  "carpet",
+  "castle",
+  "cattle",
+  "cave",
+  "cellar",
+  "chair",
+  "chalk",
+  "channel",
+  "cheese",
+  "cherry",
+  "chicken",
+  "chimney",
+  "church",
+  "circle",
+  "city",
+  "cliff",
+  "clock",
+  "cloud",
+  "coast",
+  "coffee",
+  "comet",
+  "copper",
+  "corner",
+  "cotton",
+  "country",
+  "cousin",
+  "crayon",
+  "creature",
+  "crowd",
+  "crown",
+  "cup",
+  "curtain",
+  "cushion",
+  "dance",
+  "desert",
+  "diamond",
+  "dinner",
+  "doctor",
+  "dolphin",
+  "donkey",
+  "dragon",
+  "drawer",
+  "dream",
+  "drum",
+  "eagle",
+  "earth",
+  "elbow",
+  "engine",
+  "falcon",
+  "farm",
+  "feather",
+  "fence",
+  "festival",
+  "field",
+  "finger",
+  "flame",
+  "flower",
+  "forest",
+  "fountain",
+  "fox",
+  "frog",
+  "fruit",
+  "galaxy",
+  "garden",
+  "gate",
+  "ghost",
+  "giraffe",
+  "glacier",
+  "glove",
+  "goat",
+  "gold",
+  "grape",
+  "grass",
+  "guitar",
+  "hammer",
+  "harbor",
+  "harvest",
+  "hat",
+  "hill",
+  "honey",
+  "horizon",
+  "horse",
+  "hotel",
+  "island",
+  "jacket",
+  "jelly",
+  "jewel",
+  "journey",
+  "kettle",
+  "kingdom",
+  "kitten",
+  "ladder",
+  "lake",
+  "lamp",
+  "lantern",
+  "lemon",
+  "library",
+  "lighthouse",
+  "lion",
+  "lizard",
+  "machine",
+  "magnet",
+  "maple",
+  "market",
+  "meadow",
+  "melody",
+  "mirror",
+  "monkey",
+  "moon",
+  "mountain",
+  "museum",
+  "needle",
+  "nest",
+  "ocean",
+  "office",
+  "onion",
+  "orchard",
+  "owl",
+  "oyster",
+  "painter",
+  "palace",
+  "parcel",
+  "parrot",
+  "pasta",
+  "pebble",
+  "pencil",
+  "pepper",
+  "piano",
+  "pillow",
+  "pirate",
+  "planet",
+  "pocket",
+  "pond",
+  "potato",
+  "puzzle",
+  "quilt",
+  "rabbit",
+  "rainbow",
+  "record",
+  "river",
+  "robot",
+  "rocket",
+  "saddle",
+  "sailor",
+  "salad",
+  "sandwich",
+  "scarf",
+  "school",
+  "shadow",
+  "shelf",
+  "shoe",
+  "shortage",
+  "silver",
+  "singer",
+  "sister",
+  "snake",
+  "soldier",
+  "spider",
+  "spoon",
+  "squirrel",
+  "stable",
+  "station",
+  "statue",
+  "stone",
+  "storm",
+  "stream",
+  "sugar",
+  "summer",
+  "sunset",
+  "swan",
+  "table",
+  "teacher",
+  "temple",
+  "thunder",
+  "ticket",
+  "tiger",
+  "timber",
+  "tomato",
+  "tower",
+  "trail",
+  "train",
+  "treasure",
+  "tree",
+  "trumpet",
+  "tunnel",
+  "turtle",
+  "umbrella",
+  "valley",
+  "velvet",
+  "village",
+  "violin",
+  "volcano",
+  "wagon",
+  "wallet",
+  "walrus",
+  "water",
+  "whale",
+  "wheel",
+  "whistle",
+  "window",
+  "winter",
+  "wizard",
+  "wolf",
+  "yacht",
+  "zebra",
+]
 KEY_WORDS = sorted({f"{a}-{n}" for a in ADJECTIVES for n in NOUNS})
 
 
@@ -189,20 +671,22 @@ def distinct_values(rng: random.Random, kind: str, n: int, avoid=()) -> list[str
 
 # ---- the task generators: (rng, size) -> (context, format fields, expected outputs) ----------------
 
+
 def gen_niah(rng: random.Random, size: int, spec: dict):
   """Needles "One of the special magic <values> for <key> is: <value>." in a haystack of `size`
   noise paragraphs / essay words / distractor needles."""
   keys = distinct_values(rng, spec["key"], spec["k"])
   values = [distinct_values(rng, spec["value"], spec["v"]) for _ in keys]
-  needles = [NEEDLE.format(type_needle_v=spec["value"], key=k, value=v) for k, vs in zip(keys, values)
-             for v in vs]
+  needles = [
+    NEEDLE.format(type_needle_v=spec["value"], key=k, value=v) for k, vs in zip(keys, values) for v in vs
+  ]
   rng.shuffle(needles)
   if spec["haystack"] == "essay":
     sents = split_sentences(" ".join(essay_words()[:size]))
     cuts = [0] + sorted(int(len(sents) * d / 100) for d in rng.sample(DEPTHS, len(needles))) + [len(sents)]
     parts = []
     for i in range(1, len(cuts)):
-      parts.append(" ".join(sents[cuts[i - 1]:cuts[i]]))
+      parts.append(" ".join(sents[cuts[i - 1] : cuts[i]]))
       if i - 1 < len(needles):
         parts.append(needles[i - 1])
     context = " ".join(p for p in parts if p)
@@ -211,8 +695,10 @@ def gen_niah(rng: random.Random, size: int, spec: dict):
       sentences = [NOISE] * size
     else:  # "needle": distractor needles with other keys and values
       other = distinct_values(rng, spec["key"], size, avoid=keys)
-      sentences = [NEEDLE.format(type_needle_v=spec["value"], key=k, value=random_value(rng, spec["value"]))
-                   for k in other]
+      sentences = [
+        NEEDLE.format(type_needle_v=spec["value"], key=k, value=random_value(rng, spec["value"]))
+        for k in other
+      ]
     for index, needle in zip(sorted(rng.sample(range(size), len(needles)), reverse=True), needles):
       sentences.insert(index, needle)
     context = "\n".join(sentences)
@@ -247,8 +733,11 @@ def gen_vt(rng: random.Random, size: int, spec: dict):
   ex_names, ex_chain = _vt_chain(rng, spec["hops"], 3)
   ex_value = ex_chain[0].split("=")[-1].strip()
   ex_fields = dict(query=ex_value, num_v=spec["hops"] + 1)
-  example = (TEMPLATES["vt"].format(context=_vt_context(rng, 5, ex_chain), **ex_fields)
-             + ANSWER_PREFIXES["vt"].format(**ex_fields) + " ".join(ex_names))
+  example = (
+    TEMPLATES["vt"].format(context=_vt_context(rng, 5, ex_chain), **ex_fields)
+    + ANSWER_PREFIXES["vt"].format(**ex_fields)
+    + " ".join(ex_names)
+  )
   names, chain = _vt_chain(rng, spec["hops"], 5)
   value = chain[0].split("=")[-1].strip()
   return _vt_context(rng, size, chain), dict(query=value, num_v=spec["hops"] + 1, example=example), names
@@ -271,8 +760,12 @@ def gen_cwe(rng: random.Random, size: int, spec: dict, long_context: bool = Fals
   else:
     ex_ctx, ex_ans = _cwe_list(rng, 20, 3, 1, spec["num_cw"])
     reps = (6, 1)
-  example = (TEMPLATES["cwe"].format(context=ex_ctx) + ANSWER_PREFIXES["cwe"] + " "
-             + " ".join(f"{i + 1}. {w}" for i, w in enumerate(ex_ans)))
+  example = (
+    TEMPLATES["cwe"].format(context=ex_ctx)
+    + ANSWER_PREFIXES["cwe"]
+    + " "
+    + " ".join(f"{i + 1}. {w}" for i, w in enumerate(ex_ans))
+  )
   context, common = _cwe_list(rng, size, reps[0], reps[1], spec["num_cw"])
   return context, dict(example=example), common
 
@@ -281,7 +774,7 @@ def _zeta(alpha: float) -> float:
   """Riemann zeta(alpha), alpha > 1 (RULER uses scipy.special.zeta): partial sum + integral tail."""
   key = ("zeta", alpha)
   if key not in _CACHE:
-    _CACHE[key] = sum(k ** -alpha for k in range(1, 100_000)) + 100_000 ** (1 - alpha) / (alpha - 1)
+    _CACHE[key] = sum(k**-alpha for k in range(1, 100_000)) + 100_000 ** (1 - alpha) / (alpha - 1)
   return _CACHE[key]
 
 
@@ -293,7 +786,7 @@ def _fwe_text(rng: random.Random, num_words: int, wordlen: int, vocab_size: int,
   rng.shuffle(ranked)
   ranked[0] = "..."  # the most frequent "word" is noise
   zeta = _zeta(alpha)
-  words = [w for k, w in enumerate(ranked, 1) for _ in range(int(num_words * k ** -alpha / zeta))]
+  words = [w for k, w in enumerate(ranked, 1) for _ in range(int(num_words * k**-alpha / zeta))]
   rng.shuffle(words)
   return " ".join(words), ranked[1:4]
 
@@ -336,8 +829,16 @@ def build(task: str, index: int, seed: int, size: int, long_context: bool = Fals
   context = formatted[:cut].replace(marker, haystack)
   if example is not None:
     context = example + "\n" + context
-  return {"task": task, "index": index, "seed": seed, "size": size, "context": context,
-          "question": formatted[cut:], "answer_prefix": prefix.format(**fields), "outputs": outputs}
+  return {
+    "task": task,
+    "index": index,
+    "seed": seed,
+    "size": size,
+    "context": context,
+    "question": formatted[cut:],
+    "answer_prefix": prefix.format(**fields),
+    "outputs": outputs,
+  }
 
 
 def make_sample(task: str, index: int, seed: int, max_tokens: int, count_tokens) -> dict:
@@ -348,7 +849,7 @@ def make_sample(task: str, index: int, seed: int, max_tokens: int, count_tokens)
   kind = TASKS[task]["kind"]
   room = max_tokens - TOKENS_TO_GENERATE[kind]
   long_context = max_tokens >= 4096
-  fits = lambda n: count_tokens(build(task, index, seed, n, long_context)) <= room  # noqa: E731
+  fits = lambda n: count_tokens(build(task, index, seed, n, long_context)) <= room
   lo = MIN_SIZE[kind]
   limit = len(common_word_pool()) if kind == "cwe" else 10**7  # cwe draws distinct words
   if not fits(lo):
@@ -374,13 +875,23 @@ def word_count_tokens(sample: dict) -> int:
 
 def parse_args():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048],
-                 help="max sequence length (prompt + tokens_to_generate), RULER's convention; 4096 works")
+  p.add_argument(
+    "--lengths",
+    type=int,
+    nargs="+",
+    default=[1024, 2048],
+    help="max sequence length (prompt + tokens_to_generate), RULER's convention; 4096 works",
+  )
   p.add_argument("--samples", type=int, default=5, help="samples per task")
   p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
   p.add_argument("--presses", nargs="+", default=["full", "snapkv", "ada-snapkv"])
-  p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7],
-                 help="compression_ratio (fraction evicted): 0.5 / 0.7 = the paper's 50%% / 30%% kept")
+  p.add_argument(
+    "--ratios",
+    type=float,
+    nargs="+",
+    default=[0.5, 0.7],
+    help="compression_ratio (fraction evicted): 0.5 / 0.7 = the paper's 50%% / 30%% kept",
+  )
   p.add_argument("--modes", nargs="+", default=["aware", "agnostic"], choices=["aware", "agnostic"])
   p.add_argument("--short-gen", action="store_true", help="cap generated tokens per task (SHORT_GEN)")
   p.add_argument("--model", default=None, help="default: smollm2-135m")
@@ -443,13 +954,21 @@ class Runner:
     self.q_pad = max(len(q) for _, q in enc)
     self.gen_max = gen_max
     self.presses = {cf: self.press(cf[1], cf[2]) for cf in configs}
-    lens = {"aware": [[self.count(s) for s in samples] for samples in tasks],
-            "agnostic": [[len(self.encode(s)[0]) for s in samples] for samples in tasks]}
+    lens = {
+      "aware": [[self.count(s) for s in samples] for samples in tasks],
+      "agnostic": [[len(self.encode(s)[0]) for s in samples] for samples in tasks],
+    }
     rooms = {"aware": gen_max, "agnostic": self.q_pad + gen_max}
-    self.plans = {mode: common.fitting_plan(self.cfg, lens[mode], [p for cf, p in self.presses.items()
-                                                                   if cf[0] == mode],
-                                            room=rooms[mode], page_size=self.args.page_size)
-                  for mode in {cf[0] for cf in configs}}
+    self.plans = {
+      mode: common.fitting_plan(
+        self.cfg,
+        lens[mode],
+        [p for cf, p in self.presses.items() if cf[0] == mode],
+        room=rooms[mode],
+        page_size=self.args.page_size,
+      )
+      for mode in {cf[0] for cf in configs}
+    }
 
   def run(self, samples: list[dict], configs: list[tuple], gen_tokens: int):
     """Generated ids per configuration per sample (out[config][sample]) and each configuration's memory.
@@ -460,8 +979,9 @@ class Runner:
     colsum = any(p is not None and p.needs_colsum for p in self.presses.values())
     t0 = time.perf_counter()
     prompts = {"aware": [ctx + q for ctx, q in enc], "agnostic": [ctx for ctx, _ in enc]}
-    caps = {mode: common.capture(self.params, self.cfg, prompts[mode], with_colsum=colsum)
-            for mode in self.plans}
+    caps = {
+      mode: common.capture(self.params, self.cfg, prompts[mode], with_colsum=colsum) for mode in self.plans
+    }
     jax.block_until_ready([c.logits_BV for c in caps.values()])
     t1 = time.perf_counter()
     questions = [q for _, q in enc]
@@ -474,12 +994,22 @@ class Runner:
       if mode == "agnostic":
         logits, cache = common.ask(self.params, self.cfg, cache, questions, width=self.q_pad)
       td = time.perf_counter()
-      ids = common.decode(self.params, self.cfg, common.greedy_first(logits), cache,
-                          max_new_tokens=self.gen_max, eos_ids=self.eos)
+      ids = common.decode(
+        self.params,
+        self.cfg,
+        common.greedy_first(logits),
+        cache,
+        max_new_tokens=self.gen_max,
+        eos_ids=self.eos,
+      )
       outs.append([x[:gen_tokens] for x in ids])
       t_decode += time.perf_counter() - td
-    self.seconds = {"prefill": t1 - t0, "compress_append": time.perf_counter() - t1 - t_decode,
-                    "decode": t_decode, "decoded_tokens": sum(len(x) for o in outs for x in o)}
+    self.seconds = {
+      "prefill": t1 - t0,
+      "compress_append": time.perf_counter() - t1 - t_decode,
+      "decode": t_decode,
+      "decoded_tokens": sum(len(x) for o in outs for x in o),
+    }
     return outs, mems
 
 
@@ -498,8 +1028,9 @@ def main():
   rows, samples_meta, timings = [], [], {}
   t_all = time.perf_counter()
   for length in a.lengths:
-    tasks = {task: [make_sample(task, i, a.seed, length, runner.count) for i in range(a.samples)]
-             for task in a.tasks}
+    tasks = {
+      task: [make_sample(task, i, a.seed, length, runner.count) for i in range(a.samples)] for task in a.tasks
+    }
     runner.plan(list(tasks.values()), configs, max(gen.values()))
     for task in tqdm(a.tasks, desc=f"RULER {length}", unit="task"):
       t0 = time.perf_counter()
@@ -508,23 +1039,53 @@ def main():
       for cf, ids, mem in zip(configs, outs, mems):
         preds = [runner.tok.decode(x) for x in ids]
         refs = [s["outputs"] for s in samples]
-        rows.append({"length": length, "task": task, "mode": cf[0], "press": cf[1], "ratio": cf[2],
-                     "kept": None if cf[2] is None else round(1 - cf[2], 3), "config": config_label(cf),
-                     "score": metrics.ruler_score(preds, refs),
-                     "per_sample": [metrics.string_match_all(metrics.ruler_postprocess(p), r)
-                                    for p, r in zip(preds, refs)],
-                     "memory": mem, "predictions": preds})
-      samples_meta += [{"length": length, "task": task, "index": s["index"], "size": s["size"],
-                        "prompt_tokens": runner.count(s), "outputs": s["outputs"]} for s in samples]
-      timings[f"{length}/{task}"] = {"total": round(time.perf_counter() - t0, 1),
-                                     **{k: round(v, 1) for k, v in runner.seconds.items()}}
+        rows.append(
+          {
+            "length": length,
+            "task": task,
+            "mode": cf[0],
+            "press": cf[1],
+            "ratio": cf[2],
+            "kept": None if cf[2] is None else round(1 - cf[2], 3),
+            "config": config_label(cf),
+            "score": metrics.ruler_score(preds, refs),
+            "per_sample": [
+              metrics.string_match_all(metrics.ruler_postprocess(p), r) for p, r in zip(preds, refs)
+            ],
+            "memory": mem,
+            "predictions": preds,
+          }
+        )
+      samples_meta += [
+        {
+          "length": length,
+          "task": task,
+          "index": s["index"],
+          "size": s["size"],
+          "prompt_tokens": runner.count(s),
+          "outputs": s["outputs"],
+        }
+        for s in samples
+      ]
+      timings[f"{length}/{task}"] = {
+        "total": round(time.perf_counter() - t0, 1),
+        **{k: round(v, 1) for k, v in runner.seconds.items()},
+      }
       tqdm.write(f"{length}/{task}: {timings[f'{length}/{task}']}")
   summary = summarize(rows)
-  payload = {"meta": common.run_meta(a, model=a.model or common.MODEL, python=sys.version,
-                                     wall_s=round(time.perf_counter() - t_all, 1)),
-             "tasks": {t: TASKS[t] for t in a.tasks}, "skipped_tasks": ["qa_1", "qa_2"],
-             "deviations_from_ruler": DEVIATIONS, "generated_tokens": gen,
-             "summary": summary, "results": rows, "samples": samples_meta, "task_seconds": timings}
+  payload = {
+    "meta": common.run_meta(
+      a, model=a.model or common.MODEL, python=sys.version, wall_s=round(time.perf_counter() - t_all, 1)
+    ),
+    "tasks": {t: TASKS[t] for t in a.tasks},
+    "skipped_tasks": ["qa_1", "qa_2"],
+    "deviations_from_ruler": DEVIATIONS,
+    "generated_tokens": gen,
+    "summary": summary,
+    "results": rows,
+    "samples": samples_meta,
+    "task_seconds": timings,
+  }
   common.write_json(a.out, payload)
   print_summary(summary, a.lengths)
   plot(payload, a.out)
@@ -535,8 +1096,17 @@ def summarize(rows: list[dict]) -> list[dict]:
   out = {}
   for r in rows:
     key = (r["length"], r["config"])
-    out.setdefault(key, {"length": r["length"], "config": r["config"], "mode": r["mode"],
-                         "press": r["press"], "kept": r["kept"], "tasks": {}})["tasks"][r["task"]] = r["score"]
+    out.setdefault(
+      key,
+      {
+        "length": r["length"],
+        "config": r["config"],
+        "mode": r["mode"],
+        "press": r["press"],
+        "kept": r["kept"],
+        "tasks": {},
+      },
+    )["tasks"][r["task"]] = r["score"]
     out[key].setdefault("allocated_mib", []).append(r["memory"]["allocated_bytes"] / 2**20)
   for v in out.values():
     v["average"] = round(sum(v["tasks"].values()) / len(v["tasks"]), 2)
@@ -551,9 +1121,18 @@ def print_summary(summary: list[dict], lengths: list[int]) -> None:
     tasks = list(part[0]["tasks"]) if part else []
     short = {t: t.replace("niah_", "") for t in tasks}
     print(f"\nRULER {length} tokens, score per task (%), string-match recall")
-    common.print_table([{"config": s["config"], **{short[t]: s["tasks"][t] for t in tasks},
-                         "avg": s["average"], "MiB": s.get("allocated_mib_mean", "")} for s in part],
-                       ["config", *short.values(), "avg", "MiB"])
+    common.print_table(
+      [
+        {
+          "config": s["config"],
+          **{short[t]: s["tasks"][t] for t in tasks},
+          "avg": s["average"],
+          "MiB": s.get("allocated_mib_mean", ""),
+        }
+        for s in part
+      ],
+      ["config", *short.values(), "avg", "MiB"],
+    )
 
 
 def plot(payload: dict, name: str) -> None:
@@ -563,21 +1142,30 @@ def plot(payload: dict, name: str) -> None:
   plt = common.pyplot()
   summary = payload["summary"]
   lengths = sorted({s["length"] for s in summary})
-  fig, axes = plt.subplots(len(lengths), 1, figsize=(13, 0.45 * len(summary) / len(lengths) + 2.2),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    len(lengths), 1, figsize=(13, 0.45 * len(summary) / len(lengths) + 2.2), squeeze=False
+  )
   for ax, length in zip(axes[:, 0], lengths):
     part = [s for s in summary if s["length"] == length]
     tasks = list(part[0]["tasks"])
     grid = np.array([[s["tasks"][t] for t in tasks] + [s["average"]] for s in part])
     ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
-    ax.set_xticks(range(len(tasks) + 1), [t.replace("niah_", "") for t in tasks] + ["AVERAGE"],
-                  rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(
+      range(len(tasks) + 1),
+      [t.replace("niah_", "") for t in tasks] + ["AVERAGE"],
+      rotation=30,
+      ha="right",
+      fontsize=8,
+    )
     ax.set_yticks(range(len(part)), [s["config"] for s in part], fontsize=8)
     for (i, j), v in np.ndenumerate(grid):
       ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="w" if v < 60 else "k")
     ax.axvline(len(tasks) - 0.5, color="w", lw=2)
-    ax.set_title(f"RULER (11 synthetic tasks) at {length} tokens, {payload['meta']['model']}: "
-                 "string-match recall %, kept = cache fraction kept", fontsize=9)
+    ax.set_title(
+      f"RULER (11 synthetic tasks) at {length} tokens, {payload['meta']['model']}: "
+      "string-match recall %, kept = cache fraction kept",
+      fontsize=9,
+    )
   fig.tight_layout()
   common.save_png(fig, name)
 

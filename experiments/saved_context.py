@@ -27,8 +27,11 @@ import adakv_jax as ak
 from adakv_jax.checkpoints.contexts import saved_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
-QUESTIONS = ("What is this text about?", "Which statement does the text describe first?",
-             "Give one keyword of the Python language that the text mentions.")
+QUESTIONS = (
+  "What is this text about?",
+  "Which statement does the text describe first?",
+  "Give one keyword of the Python language that the text mentions.",
+)
 
 
 def document(tok, tokens: int) -> str:
@@ -67,47 +70,74 @@ def main(argv=None) -> int:
   press = ak.make_press("ada-snapkv", budget=a.budget)
   ctx_ids, q_ids = tok.encode_chat(document(tok, a.tokens), QUESTIONS)
   eos = tuple(tok.eos_token_ids) or cfg.eos_token_ids
-  answer = lambda ctx: ak.answer_questions(params, cfg, ctx, q_ids, max_new_tokens=a.max_new_tokens,  # noqa
-                                           eos_token_ids=eos)
+  answer = lambda ctx: ak.answer_questions(
+    params,
+    cfg,
+    ctx,
+    q_ids,
+    max_new_tokens=a.max_new_tokens,
+    eos_token_ids=eos,
+  )
   reps = []
   with tempfile.TemporaryDirectory() as tmp:
     for r in range(a.reps + 1):  # round 0 compiles everything
       ctx, t_prefill = timed(lambda: ak.compress_context(params, cfg, [ctx_ids], press=press))
-      path, t_save = timed(lambda: ak.save_context(Path(tmp) / f"ctx{r}", ctx, cfg=cfg, params=params,
-                                                   tokenizer=tok))
+      path, t_save = timed(
+        lambda: ak.save_context(Path(tmp) / f"ctx{r}", ctx, cfg=cfg, params=params, tokenizer=tok)
+      )
       restored, t_restore = timed(lambda: ak.load_context(path, cfg=cfg, params=params, tokenizer=tok))
       fresh, t_answer_fresh = timed(lambda: answer(ctx))
       again, t_answer_restored = timed(lambda: answer(restored))
       if again.answers != fresh.answers:
         raise AssertionError("the restored context answered differently from the fresh one")
-      row = dict(prefill_compress_s=t_prefill, prefill_run_s=ctx.prefill_s, save_s=t_save,
-                 restore_s=t_restore, answer_s_fresh=t_answer_fresh, answer_s_restored=t_answer_restored,
-                 saved_bytes=saved_bytes(path), kept_bytes=restored.cache.kept_bytes())
+      row = dict(
+        prefill_compress_s=t_prefill,
+        prefill_run_s=ctx.prefill_s,
+        save_s=t_save,
+        restore_s=t_restore,
+        answer_s_fresh=t_answer_fresh,
+        answer_s_restored=t_answer_restored,
+        saved_bytes=saved_bytes(path),
+        kept_bytes=restored.cache.kept_bytes(),
+      )
       if r:
         reps.append(row)
-      print(f"rep {r}{' (compile)' if r == 0 else ''}: " + ", ".join(
-          f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+      print(
+        f"rep {r}{' (compile)' if r == 0 else ''}: "
+        + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+        flush=True,
+      )
 
   med = {k: statistics.median(row[k] for row in reps) for k in reps[0]}
   out = {
-      "what": "prefill + compress a long document vs restore its saved compressed context (run times, "
-              "compiled in a warm-up round); both then answer the same questions",
-      "model": "smollm2-135m", "dtype": cfg.dtype, "device": jax.devices()[0].device_kind,
-      "machine": platform.machine(), "press": dataclasses.asdict(press),
-      "document_tokens": len(ctx_ids), "questions": list(QUESTIONS), "max_new_tokens": a.max_new_tokens,
-      "repetitions": reps, "median": med,
-      "restore_speedup": med["prefill_compress_s"] / med["restore_s"],
-      "first_answers_s": {"re_prefill": med["prefill_compress_s"] + med["answer_s_fresh"],
-                          "restored": med["restore_s"] + med["answer_s_restored"]},
-      "saved_over_kept_bytes": med["saved_bytes"] / med["kept_bytes"],
-      "answers_equal": True,
-      "answers": [tok.decode(ans[0]) for ans in fresh.answers],
+    "what": "prefill + compress a long document vs restore its saved compressed context (run times, "
+    "compiled in a warm-up round); both then answer the same questions",
+    "model": "smollm2-135m",
+    "dtype": cfg.dtype,
+    "device": jax.devices()[0].device_kind,
+    "machine": platform.machine(),
+    "press": dataclasses.asdict(press),
+    "document_tokens": len(ctx_ids),
+    "questions": list(QUESTIONS),
+    "max_new_tokens": a.max_new_tokens,
+    "repetitions": reps,
+    "median": med,
+    "restore_speedup": med["prefill_compress_s"] / med["restore_s"],
+    "first_answers_s": {
+      "re_prefill": med["prefill_compress_s"] + med["answer_s_fresh"],
+      "restored": med["restore_s"] + med["answer_s_restored"],
+    },
+    "saved_over_kept_bytes": med["saved_bytes"] / med["kept_bytes"],
+    "answers_equal": True,
+    "answers": [tok.decode(ans[0]) for ans in fresh.answers],
   }
   Path(a.out).parent.mkdir(parents=True, exist_ok=True)
   Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
-  print(f"prefill+compress {med['prefill_compress_s']:.2f}s vs restore {med['restore_s']:.2f}s "
-        f"({out['restore_speedup']:.1f}x); saved {med['saved_bytes'] / 2**20:.2f} MiB for "
-        f"{med['kept_bytes'] / 2**20:.2f} MiB kept ({out['saved_over_kept_bytes']:.3f}x) -> {a.out}")
+  print(
+    f"prefill+compress {med['prefill_compress_s']:.2f}s vs restore {med['restore_s']:.2f}s "
+    f"({out['restore_speedup']:.1f}x); saved {med['saved_bytes'] / 2**20:.2f} MiB for "
+    f"{med['kept_bytes'] / 2**20:.2f} MiB kept ({out['saved_over_kept_bytes']:.3f}x) -> {a.out}"
+  )
   return 0
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import functools
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -26,8 +26,9 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels import backend as backend_lib
 
 
-def cross_head_topk_reference(scores_BHN: jax.Array, total_B: jax.Array, floor_B: jax.Array,
-                              cap: int) -> tuple[jax.Array, jax.Array]:
+def cross_head_topk_reference(
+  scores_BHN: jax.Array, total_B: jax.Array, floor_B: jax.Array, cap: int
+) -> tuple[jax.Array, jax.Array]:
   """scores [B, H, N] (float; -inf = never keep); total [B] int; floor [B] int; cap: static int.
 
   Returns (keep_BHN bool, budgets_BH int32) with budgets.sum(-1) == min(total, #keepable).
@@ -92,6 +93,7 @@ _KEY_NEG_INF = -0x7F800001  # bits of -inf (0xFF800000) ^ 0x7FFFFFFF, as a signe
 
 def _kth_largest(key, mask, k, count):
   """Largest t with count(mask & key >= t) >= k (signed int32); INT_MIN if fewer than k entries."""
+
   def body(i, t_u):  # t_u: threshold in the unsigned (sign-biased) domain, built from the top bit
     cand_u = t_u | lax.shift_left(jnp.int32(1), 31 - i)
     c = count(mask & (key >= (cand_u ^ _INT_MIN)))
@@ -155,13 +157,12 @@ def _topk_tpu(key_BHN, total_B, floor_B, cap, interpret):
   spec = pl.BlockSpec((sq, h, n), lambda b_, *_: (b_, 0, 0))
   mat = backend_lib.varying_axes(key_BHN, total_B, floor_B)
   return pl.pallas_call(
-      functools.partial(_topk_kernel_tpu, cap=cap),
-      grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=2, grid=(b,), in_specs=[spec],
-                                             out_specs=spec),
-      out_shape=jax.ShapeDtypeStruct((b, h, n), jnp.int32, manual_axis_type=mat),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
-      interpret=interpret,
-      name="cross_head_topk_tpu",
+    functools.partial(_topk_kernel_tpu, cap=cap),
+    grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=2, grid=(b,), in_specs=[spec], out_specs=spec),
+    out_shape=jax.ShapeDtypeStruct((b, h, n), jnp.int32, manual_axis_type=mat),
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+    interpret=interpret,
+    name="cross_head_topk_tpu",
   )(total_B, floor_B, key_BHN)
 
 
@@ -176,14 +177,14 @@ def _topk_triton(key_BHN, total_B, floor_B, cap, interpret):
   scalar = pl.BlockSpec((sq,), lambda b_: (b_,))
   mat = backend_lib.varying_axes(key_BHN, total_B, floor_B)
   keep = pl.pallas_call(
-      functools.partial(_topk_kernel_triton, cap=cap),
-      grid=(b,),
-      in_specs=[scalar, scalar, spec],
-      out_specs=spec,
-      out_shape=jax.ShapeDtypeStruct((b, hp, np_), jnp.int32, manual_axis_type=mat),
-      compiler_params=pltriton.CompilerParams(num_warps=4),
-      interpret=interpret,
-      name="cross_head_topk_triton",
+    functools.partial(_topk_kernel_triton, cap=cap),
+    grid=(b,),
+    in_specs=[scalar, scalar, spec],
+    out_specs=spec,
+    out_shape=jax.ShapeDtypeStruct((b, hp, np_), jnp.int32, manual_axis_type=mat),
+    compiler_params=pltriton.CompilerParams(num_warps=4),
+    interpret=interpret,
+    name="cross_head_topk_triton",
   )(total_B, floor_B, key_BHN)
   return keep[:, :h, :n]
 
@@ -199,11 +200,12 @@ def greedy_oracle(s_HN, total, floor, cap):
   keep = np.zeros((h, n), bool)
   for i in range(h):
     order = sorted(range(n), key=lambda j: (-key[i, j], j))
-    best = [j for j in order if s_HN[i, j] > -np.inf][:max(floor, 0)]
+    best = [j for j in order if s_HN[i, j] > -np.inf][: max(floor, 0)]
     keep[i, best] = True
   left = max(total - keep.sum(), 0)
-  for j, i in sorted(((j, i) for i in range(h) for j in range(n)),
-                     key=lambda ji: (-key[ji[1], ji[0]], ji[0], ji[1])):
+  for j, i in sorted(
+    ((j, i) for i in range(h) for j in range(n)), key=lambda ji: (-key[ji[1], ji[0]], ji[0], ji[1])
+  ):
     if left == 0:
       break
     if not keep[i, j] and s_HN[i, j] > -np.inf and keep[i].sum() < cap:
@@ -222,9 +224,16 @@ def _next_pow2(n: int) -> int:
   return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def cross_head_topk(scores_BHN: jax.Array, total_B: jax.Array, floor_B: jax.Array, cap: int, *,
-                    backend: str = "auto", interpret: bool | None = None,
-                    lowering: str | None = None) -> tuple[jax.Array, jax.Array]:
+def cross_head_topk(
+  scores_BHN: jax.Array,
+  total_B: jax.Array,
+  floor_B: jax.Array,
+  cap: int,
+  *,
+  backend: str = "auto",
+  interpret: bool | None = None,
+  lowering: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """Dispatch: the same (keep_BHN bool, budgets_BH int32) as cross_head_topk_reference, bit for bit.
 
   backend: auto | xla | pallas. lowering: 'tpu' or 'triton' (default by platform). The kernel holds a
@@ -246,6 +255,8 @@ def cross_head_topk(scores_BHN: jax.Array, total_B: jax.Array, floor_B: jax.Arra
   total_B = jnp.asarray(total_B, jnp.int32).reshape(b)
   floor_B = jnp.asarray(floor_B, jnp.int32).reshape(b)
   impl = _topk_tpu if lowering == "tpu" else _topk_triton
-  keep_BHN = impl(_sortable_key(scores_BHN), total_B, floor_B, cap,
-                  backend_lib.resolve_interpret(interpret, lowering)) > 0
+  keep_BHN = (
+    impl(_sortable_key(scores_BHN), total_B, floor_B, cap, backend_lib.resolve_interpret(interpret, lowering))
+    > 0
+  )
   return keep_BHN, jnp.sum(keep_BHN, axis=-1, dtype=jnp.int32)

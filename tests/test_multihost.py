@@ -49,11 +49,24 @@ def _run_two_processes():
   import dataclasses
 
   address = f"localhost:{_free_port()}"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(ROOT),
-             JAX_PLATFORMS="cpu")
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    PYTHONPATH=str(ROOT),
+    JAX_PLATFORMS="cpu",
+  )
   args = [json.dumps(PROMPTS), json.dumps(dataclasses.asdict(PRESS))]
-  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, address, str(i), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", _WORKER, address, str(i), *args],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outs = []
   try:
     for p in procs:
@@ -75,6 +88,8 @@ def test_two_processes_over_one_mesh_decode_the_single_process_tokens():
   assert results[0] == results[1]  # every process holds the whole answer
   cfg, params = tiny_model(num_kv_heads=2, num_heads=4, num_layers=2)
   # one device with the mesh's head groups (each model shard selects within its own heads)
-  ref = gen.generate(params, cfg, PROMPTS, max_new_tokens=3, press=PRESS.replace(head_groups=2), backend="xla")
+  ref = gen.generate(
+    params, cfg, PROMPTS, max_new_tokens=3, press=PRESS.replace(head_groups=2), backend="xla"
+  )
   assert results[0]["tokens"] == ref.token_ids
   assert results[0]["budgets"] == ref.budgets.tolist()

@@ -41,10 +41,16 @@ def test_split_merge_and_an_nnx_jit_decode_loop_give_the_functional_generate_tok
   plan = plan_cache(cfg.num_layers, cfg.num_kv_heads, lens, room=steps, press=press)
   tokens = np.zeros((2, model_lib.padded_length(max(lens))), np.int32)
   for i, p in enumerate(prompts):
-    tokens[i, :len(p)] = p
+    tokens[i, : len(p)] = p
   rng = jax.random.split(jax.random.PRNGKey(0))[1]
-  logits, cache, info = m.prefill(jnp.asarray(tokens), jnp.asarray(lens), rng, press=press, plan=plan,
-                                  chunk=model_lib.prompt_chunk(max(lens)))
+  logits, cache, info = m.prefill(
+    jnp.asarray(tokens),
+    jnp.asarray(lens),
+    rng,
+    press=press,
+    plan=plan,
+    chunk=model_lib.prompt_chunk(max(lens)),
+  )
   np.testing.assert_array_equal(info["budgets"], ref.budgets)
   cache = cache.trim()
 
@@ -59,5 +65,8 @@ def test_split_merge_and_an_nnx_jit_decode_loop_give_the_functional_generate_tok
     tok, cache = step(m, tok, cache)
     out.append(tok)
   assert np.stack(out, axis=1).tolist() == ref.token_ids
-  np.testing.assert_allclose(m.forward_full(jnp.asarray([prompts[1]])),
-                             model_lib.forward_full(params, jnp.asarray([prompts[1]]), cfg), rtol=1e-6)
+  np.testing.assert_allclose(
+    m.forward_full(jnp.asarray([prompts[1]])),
+    model_lib.forward_full(params, jnp.asarray([prompts[1]]), cfg),
+    rtol=1e-6,
+  )

@@ -13,10 +13,10 @@ from adakv_jax.checkpoints import gguf
 from adakv_jax.testing import tiny_config
 
 CONFIGS = {
-    "llama_tied": dict(tie_word_embeddings=True),
-    "llama_untied": dict(tie_word_embeddings=False),
-    "qwen2_bias_tied": dict(architecture="qwen2", attention_bias=True, tie_word_embeddings=True),
-    "qwen2_bias_untied": dict(architecture="qwen2", attention_bias=True, tie_word_embeddings=False),
+  "llama_tied": dict(tie_word_embeddings=True),
+  "llama_untied": dict(tie_word_embeddings=False),
+  "qwen2_bias_tied": dict(architecture="qwen2", attention_bias=True, tie_word_embeddings=True),
+  "qwen2_bias_untied": dict(architecture="qwen2", attention_bias=True, tie_word_embeddings=False),
 }
 LINEAR = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
@@ -58,15 +58,26 @@ def test_shapes_stack_layers_first_and_store_linear_weights_in_out():
   cfg = _cfg("qwen2_bias_untied")  # L=3, d=64, f=128, 4 heads, 2 kv heads of 16, vocab 97
   shapes = _leaves(params_lib.param_shapes(cfg))
   assert shapes == {
-      "embed": (97, 64), "final_norm": (64,), "lm_head": (64, 97),
-      "layers/attn_norm": (3, 64), "layers/mlp_norm": (3, 64),
-      "layers/wq": (3, 64, 64), "layers/wk": (3, 64, 32), "layers/wv": (3, 64, 32), "layers/wo": (3, 64, 64),
-      "layers/bq": (3, 64), "layers/bk": (3, 32), "layers/bv": (3, 32),
-      "layers/w_gate": (3, 64, 128), "layers/w_up": (3, 64, 128), "layers/w_down": (3, 128, 64),
+    "embed": (97, 64),
+    "final_norm": (64,),
+    "lm_head": (64, 97),
+    "layers/attn_norm": (3, 64),
+    "layers/mlp_norm": (3, 64),
+    "layers/wq": (3, 64, 64),
+    "layers/wk": (3, 64, 32),
+    "layers/wv": (3, 64, 32),
+    "layers/wo": (3, 64, 64),
+    "layers/bq": (3, 64),
+    "layers/bk": (3, 32),
+    "layers/bv": (3, 32),
+    "layers/w_gate": (3, 64, 128),
+    "layers/w_up": (3, 64, 128),
+    "layers/w_down": (3, 128, 64),
   }
   abstract = _leaves(params_lib.abstract_params(cfg.replace(dtype="bfloat16")))
   assert {k: (a.shape, a.dtype) for k, a in abstract.items()} == {
-      k: (s, jnp.dtype(jnp.bfloat16)) for k, s in shapes.items()}
+    k: (s, jnp.dtype(jnp.bfloat16)) for k, s in shapes.items()
+  }
 
 
 def test_hf_names_and_shapes_are_transformers_layout():
@@ -106,8 +117,12 @@ def test_a_tied_checkpoint_may_carry_lm_head_but_nothing_else_extra():
 
 def test_gguf_name_map_reaches_every_hf_tensor():
   cfg = _cfg("qwen2_bias_untied")
-  blocks = [f"blk.{i}.{g}.{kind}" for i in range(cfg.num_layers) for g in gguf._BLOCK_NAMES
-            for kind in ("weight", "bias")]
+  blocks = [
+    f"blk.{i}.{g}.{kind}"
+    for i in range(cfg.num_layers)
+    for g in gguf._BLOCK_NAMES
+    for kind in ("weight", "bias")
+  ]
   translated = {gguf.hf_name(n) for n in [*gguf._GLOBAL_NAMES, *blocks]}
   assert set(params_lib.hf_shapes(cfg)) <= translated
 
@@ -146,10 +161,17 @@ def test_logical_axes_are_the_sharding_tables_names():
 def test_sharding_specs_derive_from_the_table():
   cfg = _cfg("qwen2_bias_untied")
   mesh = sharding.make_mesh(data=2, model=2)
-  want = {"layers/wq": P(None, None, "model"), "layers/wo": P(None, "model", None),
-          "layers/bv": P(None, "model"), "layers/w_gate": P(None, None, "model"),
-          "layers/w_down": P(None, "model", None), "layers/attn_norm": P(None, None),
-          "embed": P(None, None), "lm_head": P(None, None), "final_norm": P(None)}
+  want = {
+    "layers/wq": P(None, None, "model"),
+    "layers/wo": P(None, "model", None),
+    "layers/bv": P(None, "model"),
+    "layers/w_gate": P(None, None, "model"),
+    "layers/w_down": P(None, "model", None),
+    "layers/attn_norm": P(None, None),
+    "embed": P(None, None),
+    "lm_head": P(None, None),
+    "final_norm": P(None),
+  }
   specs = {k: s.spec for k, s in _leaves(sharding.param_shardings(cfg, mesh)).items()}
   assert {k: specs[k] for k in want} == want
   placed = sharding.shard_params(params_lib.init_params(cfg, jax.random.PRNGKey(0)), mesh)

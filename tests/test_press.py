@@ -12,14 +12,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from adakv_jax.config import ModelConfig
 from adakv_jax.press import PRESETS, Press, make_press, schedules, select
 from adakv_jax.press.press import SCORER_NAMES
 
-CFG = ModelConfig(architecture="llama", vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=4,
-                  num_heads=4, num_kv_heads=2, head_dim=8)
+CFG = ModelConfig(
+  architecture="llama",
+  vocab_size=16,
+  hidden_size=32,
+  intermediate_size=64,
+  num_layers=4,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+)
 W = 4
 BUDGET = 12  # B' = 8 per head
 N = 40
@@ -43,7 +52,7 @@ def _window(q_BHnD, lens):
   out = np.full(q_BHnD.shape[:2] + (W, q_BHnD.shape[-1]), 7.0, np.float32)
   for b, n in enumerate(lens):
     take = min(n, W)
-    out[b, :, W - take:] = q_BHnD[b, :, n - take:n]
+    out[b, :, W - take :] = q_BHnD[b, :, n - take : n]
   return out
 
 
@@ -52,37 +61,52 @@ def _select(press, inputs, lens, layer=0, fn=select, groups=None):
   q, k, v, colsum = inputs
   lens_arr = jnp.asarray(lens, jnp.int32)
   units = press.layer_units(CFG.num_layers, lens_arr, P)
-  keep, info = fn(press, jnp.asarray(_window(q, lens)), jnp.asarray(k), lens_arr, units[layer], page_size=P,
-                  colsum_BHL=jnp.asarray(colsum), rng=jax.random.PRNGKey(0), groups=groups)
+  keep, info = fn(
+    press,
+    jnp.asarray(_window(q, lens)),
+    jnp.asarray(k),
+    lens_arr,
+    units[layer],
+    page_size=P,
+    colsum_BHL=jnp.asarray(colsum),
+    rng=jax.random.PRNGKey(0),
+    groups=groups,
+  )
   return np.asarray(keep), jax.tree.map(np.asarray, info), np.asarray(units[layer])
 
 
 INPUTS = _make_inputs()
 
-COMBOS = [Press(scorer=s, allocation=a, schedule=sch, budget=BUDGET, window=W)
-          for s, a, sch in itertools.product(SCORER_NAMES, ("uniform", "adaptive"), ("flat", "pyramid"))]
+COMBOS = [
+  Press(scorer=s, allocation=a, schedule=sch, budget=BUDGET, window=W)
+  for s, a, sch in itertools.product(SCORER_NAMES, ("uniform", "adaptive"), ("flat", "pyramid"))
+]
 VARIANTS = [
-    Press(budget=BUDGET, window=W, gqa="query"),
-    Press(budget=BUDGET, window=W, gqa_reduce="max", pool="avg", kernel=3),
-    Press(budget=BUDGET, window=W, floor_mode="mix"),
-    Press(budget=BUDGET, window=W, schedule="pyramid", floor_alpha=0.0),
-    Press(budget=None, compression_ratio=0.5, window=W),
-    Press(budget=W + 2 * P, window=W, granularity="page"),
-    Press(budget=W + 2 * P, window=W, granularity="page", allocation="uniform", chunk_score="max"),
-    Press(budget=None, compression_ratio=0.3, window=W, granularity="page", schedule="pyramid"),
-    Press(budget=BUDGET, window=W, head_groups=2),
+  Press(budget=BUDGET, window=W, gqa="query"),
+  Press(budget=BUDGET, window=W, gqa_reduce="max", pool="avg", kernel=3),
+  Press(budget=BUDGET, window=W, floor_mode="mix"),
+  Press(budget=BUDGET, window=W, schedule="pyramid", floor_alpha=0.0),
+  Press(budget=None, compression_ratio=0.5, window=W),
+  Press(budget=W + 2 * P, window=W, granularity="page"),
+  Press(budget=W + 2 * P, window=W, granularity="page", allocation="uniform", chunk_score="max"),
+  Press(budget=None, compression_ratio=0.3, window=W, granularity="page", schedule="pyramid"),
+  Press(budget=BUDGET, window=W, head_groups=2),
 ]
 
 
 def _label(p):
-  return (f"{p.scorer}-{p.allocation}-{p.schedule}-{p.gqa}-{p.floor_mode}-{p.pool}{p.kernel}-"
-          f"r{p.compression_ratio}-{p.granularity}-g{p.head_groups}")
+  return (
+    f"{p.scorer}-{p.allocation}-{p.schedule}-{p.gqa}-{p.floor_mode}-{p.pool}{p.kernel}-"
+    f"r{p.compression_ratio}-{p.granularity}-g{p.head_groups}"
+  )
 
 
 # ---- validation and presets ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs,message", [
+@pytest.mark.parametrize(
+  "kwargs,message",
+  [
     (dict(floor_alpha=1.5), r"floor_alpha must lie in \[0, 1\]"),
     (dict(floor_alpha=-0.1), r"floor_alpha must lie in \[0, 1\]"),
     (dict(scorer="tova"), "unknown scorer 'tova'; valid: snapkv, h2o, streamingllm, knorm, random"),
@@ -107,7 +131,8 @@ def _label(p):
     (dict(kernel=4), "odd integer >= 1"),
     (dict(kernel=0), "odd integer >= 1"),
     (dict(pyramid_beta=0), "pyramid_beta must be an integer >= 1"),
-])
+  ],
+)
 def test_invalid_configurations_raise_clear_errors(kwargs, message):
   with pytest.raises(ValueError, match=message):
     Press(**kwargs)
@@ -158,8 +183,11 @@ _pyramid = jax.jit(schedules.pyramid, static_argnums=(1, 2))
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.integers(0, 600), min_size=3, max_size=3), st.sampled_from([1, 2, 3, 7, 32]),
-       st.sampled_from([1, 3, 20]))
+@given(
+  st.lists(st.integers(0, 600), min_size=3, max_size=3),
+  st.sampled_from([1, 2, 3, 7, 32]),
+  st.sampled_from([1, 3, 20]),
+)
 def test_pyramid_sums_exactly_and_is_a_nonincreasing_line(bps, num_layers, beta):
   sel = np.asarray(_pyramid(jnp.asarray(bps, jnp.int32), num_layers, beta))
   assert sel.shape == (num_layers, len(bps))
@@ -188,8 +216,11 @@ def test_ratio_mode_budgets_come_from_each_sequence_length():
   got = np.asarray(jax.jit(press.layer_units, static_argnums=(0, 2))(3, lens, P)) + W
   # floor(len * 0.7) exactly (10 * float32(0.7) would floor to 6); never below the window.
   np.testing.assert_array_equal(got, [[70, 7, W]] * 3)
-  pyr = np.asarray(Press(budget=None, compression_ratio=0.5, window=W, schedule="pyramid")
-                   .layer_units(5, jnp.array([400, 100]), P))
+  pyr = np.asarray(
+    Press(budget=None, compression_ratio=0.5, window=W, schedule="pyramid").layer_units(
+      5, jnp.array([400, 100]), P
+    )
+  )
   np.testing.assert_array_equal(pyr.sum(0), [5 * (200 - W), 5 * (50 - W)])
 
 
@@ -218,8 +249,6 @@ def test_check_prompt_notes_uncompressed_prompts_and_rejects_empty_ones():
     press.check_prompt([10, 0])
 
 
-
-
 # ---- the per-layer selection -------------------------------------------------------------------------
 
 
@@ -244,16 +273,16 @@ def test_select_keeps_the_window_and_exact_group_totals(press):
     for b, n in enumerate(LENS):
       assert not keep[b, :, n:].any()  # padding is never kept
       total, tail = _expected_kept(press, n, units[b], hg)
-      assert keep[b, :, n - tail:n].all()  # the window (and at page granularity the cut tail) always
+      assert keep[b, :, n - tail : n].all()  # the window (and at page granularity the cut tail) always
       if press.floor_mode == "reserve":  # exact per head group: H_g * B' selected, or everything
         for g in range(press.head_groups):
-          assert keep[b, g * hg:(g + 1) * hg].sum() == total
+          assert keep[b, g * hg : (g + 1) * hg].sum() == total
       if press.granularity == "page":  # whole chunks only, outside the tail
-        chunks = keep[b, :, :(n - tail) // P * P].reshape(hp, -1, P)
+        chunks = keep[b, :, : (n - tail) // P * P].reshape(hp, -1, P)
         assert np.all(chunks.all(-1) | ~chunks.any(-1))
       if press.allocation == "adaptive" and press.floor_mode == "reserve":
         floor = units[b] * press.floor_alpha // 1
-        unit_count = keep[b, :, :n - tail].sum(-1) // (P if press.granularity == "page" else 1)
+        unit_count = keep[b, :, : n - tail].sum(-1) // (P if press.granularity == "page" else 1)
         assert np.all(unit_count >= min(floor, (n - tail) // (P if press.granularity == "page" else 1)))
       assert 0.0 < info["retained_mass"][b] <= 1.0 + 1e-6
     assert info["retained_mass"][2] == pytest.approx(1.0, abs=1e-6)  # shorter than the window: all kept
@@ -287,15 +316,21 @@ def test_budget_at_least_the_prompt_keeps_everything(name, granularity):
     np.testing.assert_allclose(info["retained_mass"], 1.0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name,extra", [("ada-snapkv", {}), ("pyramidkv", dict(pool="avg", kernel=3)),
-                                        ("ada-h2o", {}), ("ada-snapkv", dict(granularity="page",
-                                                                             budget=W + P))])
+@pytest.mark.parametrize(
+  "name,extra",
+  [
+    ("ada-snapkv", {}),
+    ("pyramidkv", dict(pool="avg", kernel=3)),
+    ("ada-h2o", {}),
+    ("ada-snapkv", dict(granularity="page", budget=W + P)),
+  ],
+)
 def test_each_sequence_of_a_padded_batch_selects_as_if_alone(name, extra):
   # ada-h2o reads colsum, whose padding columns hold garbage.
   press = make_press(name, **{"budget": BUDGET, "window": W, **extra})
   batch, binfo, _ = _select(press, INPUTS, LENS, layer=1)
   for b, n in enumerate(LENS):
-    alone_inputs = tuple(x[b:b + 1, :, :n] for x in INPUTS)  # no padding at all
+    alone_inputs = tuple(x[b : b + 1, :, :n] for x in INPUTS)  # no padding at all
     alone, ainfo, _ = _select(press, alone_inputs, [n], layer=1, fn=_jit_select)
     np.testing.assert_array_equal(batch[b, :, :n], alone[0])
     np.testing.assert_allclose(binfo["retained_mass"][b], ainfo["retained_mass"][0], rtol=1e-5)
@@ -312,7 +347,9 @@ def test_adaptive_with_alpha_one_equals_uniform(granularity):
     uni = Press(allocation="uniform", schedule=sched, budget=budget, window=W, granularity=granularity)
     ada = uni.replace(allocation="adaptive", floor_alpha=1.0)
     for layer in (0, 2):
-      np.testing.assert_array_equal(_select(ada, INPUTS, LENS, layer)[0], _select(uni, INPUTS, LENS, layer)[0])
+      np.testing.assert_array_equal(
+        _select(ada, INPUTS, LENS, layer)[0], _select(uni, INPUTS, LENS, layer)[0]
+      )
 
 
 def test_adaptive_retains_at_least_the_attention_mass_of_uniform():
@@ -331,9 +368,9 @@ def test_head_groups_select_each_group_on_its_own():
   keep, _, _ = _select(press, INPUTS, LENS)
   q, k, v, colsum = INPUTS
   for g in range(2):  # query heads 2g, 2g+1 read KV head g
-    part = (q[:, 2 * g:2 * g + 2], k[:, g:g + 1], v[:, g:g + 1], colsum[:, 2 * g:2 * g + 2])
+    part = (q[:, 2 * g : 2 * g + 2], k[:, g : g + 1], v[:, g : g + 1], colsum[:, 2 * g : 2 * g + 2])
     alone, _, _ = _select(press.replace(head_groups=1), part, LENS)
-    np.testing.assert_array_equal(keep[:, 2 * g:2 * g + 2], alone)
+    np.testing.assert_array_equal(keep[:, 2 * g : 2 * g + 2], alone)
   whole, _, _ = _select(press.replace(head_groups=1), INPUTS, LENS)
   assert not np.array_equal(whole, keep)  # one group of 4 reallocates across the halves
 
@@ -361,8 +398,8 @@ def test_page_granularity_keeps_whole_pages_with_exact_totals_floors_and_ties(pr
   for b, n in enumerate(lens):
     prefix = max(n - W, 0)
     chunks, tail = prefix // P, min(n, W) + prefix % P
-    assert keep[b, :, n - tail:n].all() and not keep[b, :, n:].any()
-    body = keep[b, :, :chunks * P].reshape(2, chunks, P)
+    assert keep[b, :, n - tail : n].all() and not keep[b, :, n:].any()
+    body = keep[b, :, : chunks * P].reshape(2, chunks, P)
     assert np.all(body.all(-1) | ~body.any(-1))  # whole pages only besides the tail
     per_head = body.all(-1).sum(-1)
     assert per_head.sum() == min(2 * units[b], 2 * chunks)  # exact total, in pages
@@ -383,6 +420,7 @@ def test_select_runs_inside_a_jitted_scan_over_layers():
       q_l, k_l, units_l = x
       keep, info = select(press, q_l, k_l, lens, units_l, page_size=P)
       return carry, (keep, info["retained_mass"])
+
     return jax.lax.scan(body, 0, xs)[1]
 
   keep_L, mass_LB = prefill_tail(xs, lens)
@@ -395,5 +433,11 @@ def test_select_runs_inside_a_jitted_scan_over_layers():
 def test_select_rejects_a_window_of_the_wrong_size():
   q, k, v, _ = INPUTS
   with pytest.raises(ValueError, match="q_win_BHWD has shape"):
-    select(Press(budget=BUDGET, window=W + 1), jnp.asarray(_window(q, LENS)), jnp.asarray(k),
-           jnp.asarray(LENS), jnp.asarray([8] * 3), page_size=P)
+    select(
+      Press(budget=BUDGET, window=W + 1),
+      jnp.asarray(_window(q, LENS)),
+      jnp.asarray(k),
+      jnp.asarray(LENS),
+      jnp.asarray([8] * 3),
+      page_size=P,
+    )

@@ -14,8 +14,11 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_constraints_pin_the_lower_bounds_of_the_core_packages():
-  pins = dict(l.split("==") for l in (ROOT / "constraints.txt").read_text().splitlines()
-              if "==" in l and not l.startswith("#"))
+  pins = dict(
+    l.split("==")
+    for l in (ROOT / "constraints.txt").read_text().splitlines()
+    if "==" in l and not l.startswith("#")
+  )
   deps = (ROOT / "pyproject.toml").read_text()
   for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint"):
     assert f'"{pkg}>={pins[pkg]}"' in deps, pkg
@@ -28,11 +31,11 @@ LIBRARY = "adakv_jax"
 # checkpoint loaders); each entry is (file, name), and the test below fails once a use is gone, so the list
 # only shrinks. This file is not scanned: it names private names as data.
 AWAITING_PUBLIC_NAMES = {
-    ("tests/parity/hf_gguf.py", "adakv_jax.checkpoints.gguf._reader_class"),
-    ("tests/test_assembly.py", "adakv_jax.checkpoints.assembly._concatenate"),
-    ("tests/test_failure_paths.py", "adakv_jax.checkpoints.orbax_io._event_loops_drained_on_close"),
-    ("tests/test_params.py", "adakv_jax.checkpoints.gguf._BLOCK_NAMES"),
-    ("tests/test_params.py", "adakv_jax.checkpoints.gguf._GLOBAL_NAMES"),
+  ("tests/parity/hf_gguf.py", "adakv_jax.checkpoints.gguf._reader_class"),
+  ("tests/test_assembly.py", "adakv_jax.checkpoints.assembly._concatenate"),
+  ("tests/test_failure_paths.py", "adakv_jax.checkpoints.orbax_io._event_loops_drained_on_close"),
+  ("tests/test_params.py", "adakv_jax.checkpoints.gguf._BLOCK_NAMES"),
+  ("tests/test_params.py", "adakv_jax.checkpoints.gguf._GLOBAL_NAMES"),
 }
 # Owned by the device check, which also runs it on a device machine where the package is not installed.
 SYS_PATH_EXEMPT = {"experiments/device_check.py"}
@@ -40,10 +43,15 @@ SYS_PATH_EXEMPT = {"experiments/device_check.py"}
 
 def _sources_outside_library() -> list[Path]:
   skip = {"build", "dist", "__pycache__"}
-  return sorted(p for p in ROOT.rglob("*.py")
-                if p.relative_to(ROOT).parts[0] != LIBRARY and p != Path(__file__).resolve()
-                and not any(part.startswith(".") or part in skip or part.endswith(".egg-info")
-                            for part in p.relative_to(ROOT).parts))
+  return sorted(
+    p
+    for p in ROOT.rglob("*.py")
+    if p.relative_to(ROOT).parts[0] != LIBRARY
+    and p != Path(__file__).resolve()
+    and not any(
+      part.startswith(".") or part in skip or part.endswith(".egg-info") for part in p.relative_to(ROOT).parts
+    )
+  )
 
 
 def _is_library_module(dotted: str) -> bool:
@@ -72,8 +80,9 @@ def _library_private_names(tree) -> set[str]:
           modules[a.asname or LIBRARY] = a.name if a.asname else LIBRARY
           if any(_private(part) for part in a.name.split(".")):
             found.add(a.name)
-    elif isinstance(node, ast.ImportFrom) and node.level == 0 \
-        and (node.module or "").split(".")[0] == LIBRARY:
+    elif (
+      isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == LIBRARY
+    ):
       if any(_private(part) for part in node.module.split(".")):
         found.add(node.module)
       for a in node.names:
@@ -96,14 +105,22 @@ def _library_private_names(tree) -> set[str]:
       base = module_of(node.value)
       if base is not None:
         found.add(f"{base}.{node.attr}")
-    elif isinstance(node, ast.Call) and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) \
-        and isinstance(node.args[1].value, str) and _private(node.args[1].value):
+    elif (
+      isinstance(node, ast.Call)
+      and len(node.args) >= 2
+      and isinstance(node.args[1], ast.Constant)
+      and isinstance(node.args[1].value, str)
+      and _private(node.args[1].value)
+    ):
       base = module_of(node.args[0])
       if base is not None:
         found.add(f"{base}.{node.args[1].value}")
-    elif isinstance(node, ast.Constant) and isinstance(node.value, str) \
-        and re.fullmatch(rf"{LIBRARY}(\.[A-Za-z]\w*)*\._\w+", node.value) \
-        and _private(node.value.split(".")[-1]):
+    elif (
+      isinstance(node, ast.Constant)
+      and isinstance(node.value, str)
+      and re.fullmatch(rf"{LIBRARY}(\.[A-Za-z]\w*)*\._\w+", node.value)
+      and _private(node.value.split(".")[-1])
+    ):
       found.add(node.value)
   return found
 
@@ -111,8 +128,11 @@ def _library_private_names(tree) -> set[str]:
 def test_nothing_outside_the_library_uses_its_private_names():
   import ast
 
-  uses = {(str(p.relative_to(ROOT)), name) for p in _sources_outside_library()
-          for name in _library_private_names(ast.parse(p.read_text(encoding="utf-8")))}
+  uses = {
+    (str(p.relative_to(ROOT)), name)
+    for p in _sources_outside_library()
+    for name in _library_private_names(ast.parse(p.read_text(encoding="utf-8")))
+  }
   assert uses - AWAITING_PUBLIC_NAMES == set(), "private library names used outside adakv_jax/"
   assert AWAITING_PUBLIC_NAMES - uses == set(), "no longer used: drop from AWAITING_PUBLIC_NAMES"
 
@@ -135,8 +155,13 @@ monkeypatch.setattr("adakv_jax.cli._read_prompt_file", None)
 d = model_lib.__name__
 """
   assert _library_private_names(ast.parse(code)) == {
-      "adakv_jax.model._qkv", "adakv_jax.model._out_and_mlp", "adakv_jax.generation._hidden_helper",
-      "adakv_jax.checkpoints.gguf._reader_class", "adakv_jax.cli._read_prompt_file", "adakv_jax._hidden"}
+    "adakv_jax.model._qkv",
+    "adakv_jax.model._out_and_mlp",
+    "adakv_jax.generation._hidden_helper",
+    "adakv_jax.checkpoints.gguf._reader_class",
+    "adakv_jax.cli._read_prompt_file",
+    "adakv_jax._hidden",
+  }
 
 
 def test_experiments_are_a_package_that_never_edits_sys_path():
@@ -147,8 +172,13 @@ def test_experiments_are_a_package_that_never_edits_sys_path():
   for path in sorted((ROOT / "experiments").rglob("*.py")):
     rel = str(path.relative_to(ROOT))
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-      if isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name) \
-          and node.value.id == "sys" and rel not in SYS_PATH_EXEMPT:
+      if (
+        isinstance(node, ast.Attribute)
+        and node.attr == "path"
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "sys"
+        and rel not in SYS_PATH_EXEMPT
+      ):
         edits.append(f"{rel}:{node.lineno}")
       if isinstance(node, ast.Constant) and node.value == "PYTHONPATH" and rel not in SYS_PATH_EXEMPT:
         edits.append(f"{rel}:{node.lineno}")

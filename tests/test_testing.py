@@ -10,8 +10,14 @@ import pytest
 from adakv_jax import model as model_lib
 from adakv_jax.checkpoints import CheckpointError, gguf
 from adakv_jax.checkpoints.registry import resolve_model
-from adakv_jax.testing import (REGISTERED_SHAPES, keep_mask, masked_decode_reference, random_prompts,
-                               registered_config, tiny_model)
+from adakv_jax.testing import (
+  REGISTERED_SHAPES,
+  keep_mask,
+  masked_decode_reference,
+  random_prompts,
+  registered_config,
+  tiny_model,
+)
 
 
 @pytest.mark.parametrize("name", REGISTERED_SHAPES)
@@ -43,14 +49,28 @@ def test_masked_reference_keeping_everything_is_the_causal_forward():
   prompt = random_prompts([13], seed=3)[0]
   token = 11
   tokens = jnp.asarray([prompt])
-  _, cap = model_lib.run_prefill(params, tokens, jnp.asarray([13]), cfg=cfg, chunk=13,
-                                 tap=model_lib.CaptureTap(window=1, with_colsum=False))
+  _, cap = model_lib.run_prefill(
+    params,
+    tokens,
+    jnp.asarray([13]),
+    cfg=cfg,
+    chunk=13,
+    tap=model_lib.CaptureTap(window=1, with_colsum=False),
+  )
   keep = jnp.ones((cfg.num_layers, 1, cfg.num_kv_heads, 13), bool)
-  got = masked_decode_reference(params, cfg, cap.k_BKLD, cap.v_BKLD, keep, jnp.asarray([13]),
-                                jnp.asarray([token]))
+  got = masked_decode_reference(
+    params, cfg, cap.k_BKLD, cap.v_BKLD, keep, jnp.asarray([13]), jnp.asarray([token])
+  )
   want = model_lib.forward_full(params, jnp.asarray([prompt + [token]]), cfg)[:, -1]
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
   # evicting an entry changes the step: the mask is really applied
-  dropped = masked_decode_reference(params, cfg, cap.k_BKLD, cap.v_BKLD, keep.at[:, :, :, 4].set(False),
-                                    jnp.asarray([13]), jnp.asarray([token]))
+  dropped = masked_decode_reference(
+    params,
+    cfg,
+    cap.k_BKLD,
+    cap.v_BKLD,
+    keep.at[:, :, :, 4].set(False),
+    jnp.asarray([13]),
+    jnp.asarray([token]),
+  )
   assert float(jnp.abs(dropped - want).max()) > 1e-4

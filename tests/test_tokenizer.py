@@ -1,34 +1,35 @@
-"""Tokenizer: HF-dir and GGUF constructors, chat templates, and id-for-id parity with transformers' GGUF tokenizer."""
+"""Tokenizer: HF-dir and GGUF constructors, chat templates, and id-for-id parity with transformers' GGUF
+tokenizer."""
 
 import json
 import shutil
 
 import pytest
 
-from adakv_jax.checkpoints import CheckpointError, ChatTemplateError, Tokenizer, load_gguf, resolve_model
+from adakv_jax.checkpoints import ChatTemplateError, CheckpointError, Tokenizer, load_gguf, resolve_model
 from adakv_jax.checkpoints.gguf import read_metadata
 from tests.parity import tiny_hf
 
 TEXTS = [
-    "Hello world",
-    " Hello world",
-    "",
-    "The quick brown fox jumps over the lazy dog.",
-    "naïve café — déjà vu; Ünïcödé ß ø å",
-    "emoji: 😀🤖👍🏽 and 🇫🇷 flags",
-    "中文字符和日本語のテキスト、한국어",
-    "whitespace    runs\t\ttabs\n\nnewlines \n \r\n end  ",
-    "digits 1234567 and 3.14159, 1,000,000 and 0x1F",
-    "def f(x):\n    return {'a': [x ** 2, x // 3]}  # comment\n",
-    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
-    "special tokens inline <|endoftext|> <repo_name>x<file_sep>",
-    "don't won't they're I'll we've she'd",
-    "   leading and trailing   ",
+  "Hello world",
+  " Hello world",
+  "",
+  "The quick brown fox jumps over the lazy dog.",
+  "naïve café — déjà vu; Ünïcödé ß ø å",
+  "emoji: 😀🤖👍🏽 and 🇫🇷 flags",
+  "中文字符和日本語のテキスト、한국어",
+  "whitespace    runs\t\ttabs\n\nnewlines \n \r\n end  ",
+  "digits 1234567 and 3.14159, 1,000,000 and 0x1F",
+  "def f(x):\n    return {'a': [x ** 2, x // 3]}  # comment\n",
+  "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+  "special tokens inline <|endoftext|> <repo_name>x<file_sep>",
+  "don't won't they're I'll we've she'd",
+  "   leading and trailing   ",
 ]
 CONVERSATION = [
-    {"role": "user", "content": "What is Ada-KV? Answer in one line."},
-    {"role": "assistant", "content": "Head-wise adaptive KV-cache eviction. 😀"},
-    {"role": "user", "content": "And <b>why</b> does it help?\tThanks!"},
+  {"role": "user", "content": "What is Ada-KV? Answer in one line."},
+  {"role": "assistant", "content": "Head-wise adaptive KV-cache eviction. 😀"},
+  {"role": "user", "content": "And <b>why</b> does it help?\tThanks!"},
 ]
 
 
@@ -98,7 +99,8 @@ def test_chat_template_renders_like_transformers_environment(tiny_dir):
   # transformers' globals/filters: tojson without HTML escaping, raise_exception, strftime_now, trim/lstrip
   tok.chat_template = "{{ messages | tojson }}"
   assert tok.apply_chat_template([{"role": "user", "content": "<b>&</b>"}]) == (
-      '[{"role": "user", "content": "<b>&</b>"}]')
+    '[{"role": "user", "content": "<b>&</b>"}]'
+  )
   tok.chat_template = "{% if messages|length > 1 %}{{ raise_exception('one message only') }}{% endif %}ok"
   with pytest.raises(ChatTemplateError, match="one message only"):
     tok.apply_chat_template(CONVERSATION)
@@ -150,8 +152,10 @@ def test_unsupported_gguf_tokenizer_model_is_named(smol_meta):
 
 # --- the chat-template split: context once, each question closing the user turn --------------------
 
-SMOL_HEAD = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
-             "<|im_end|>\n<|im_start|>user\n")
+SMOL_HEAD = (
+  "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+  "<|im_end|>\n<|im_start|>user\n"
+)
 CONTEXT = "The Eiffel tower was designed by Gustave Eiffel's company and opened in 1889 in Paris."
 QUESTIONS = ["Who designed the tower?", "When did it open? Answer with a year.", "Où est-elle ? 😀"]
 
@@ -164,9 +168,12 @@ def _split_around_placeholder(tok, text, questions, raw):
     whole = tok.apply_chat_template([{"role": "user", "content": text}])
     return tok.encode(whole, add_special_tokens=False), []
   head, tail = tok.apply_chat_template([{"role": "user", "content": "\u0000ADAKV_CONTEXT\u0000"}]).split(
-      "\u0000ADAKV_CONTEXT\u0000")
-  return (tok.encode(head + text, add_special_tokens=False),
-          [tok.encode("\n\n" + q + tail, add_special_tokens=False) for q in questions])
+    "\u0000ADAKV_CONTEXT\u0000"
+  )
+  return (
+    tok.encode(head + text, add_special_tokens=False),
+    [tok.encode("\n\n" + q + tail, add_special_tokens=False) for q in questions],
+  )
 
 
 @pytest.mark.parametrize("questions", [(), QUESTIONS[:1], QUESTIONS])
@@ -187,8 +194,9 @@ def test_context_plus_question_is_the_templated_question_aware_prompt(smol):
     assert smol.decode(q_ids, skip_special_tokens=False).endswith("<|im_end|>\n<|im_start|>assistant\n")
   alone, none = smol.encode_chat(CONTEXT)
   assert none == []
-  assert alone == smol.encode(smol.apply_chat_template([{"role": "user", "content": CONTEXT}]),
-                              add_special_tokens=False)
+  assert alone == smol.encode(
+    smol.apply_chat_template([{"role": "user", "content": CONTEXT}]), add_special_tokens=False
+  )
 
 
 def test_raw_and_template_free_prompts_are_plain_text(tiny_dir, tmp_path):
@@ -204,7 +212,9 @@ def test_raw_and_template_free_prompts_are_plain_text(tiny_dir, tmp_path):
   assert qs == [tok.encode("\nwhy?", add_special_tokens=False)]
   with_template = Tokenizer.from_hf_dir(tiny_dir)
   assert with_template.encode_chat("Hello world", ["why?"], raw=True) == (
-      with_template.encode("Hello world"), [with_template.encode("\nwhy?", add_special_tokens=False)])
+    with_template.encode("Hello world"),
+    [with_template.encode("\nwhy?", add_special_tokens=False)],
+  )
 
 
 def test_chat_split_refuses_a_template_that_repeats_the_message(smol):
@@ -237,15 +247,21 @@ def test_gguf_backend_is_identical_to_transformers(smol, hf_smol_tokenizer):
 def test_gguf_ids_match_transformers(smol, hf_smol_tokenizer, text):
   ref = hf_smol_tokenizer(text)["input_ids"]
   assert smol.encode(text) == ref
-  assert smol.encode(text, add_special_tokens=False) == hf_smol_tokenizer(text, add_special_tokens=False)[
-      "input_ids"]
+  assert (
+    smol.encode(text, add_special_tokens=False)
+    == hf_smol_tokenizer(text, add_special_tokens=False)["input_ids"]
+  )
   for skip in (True, False):
-    assert smol.decode(ref, skip_special_tokens=skip) == hf_smol_tokenizer.decode(ref, skip_special_tokens=skip)
+    assert smol.decode(ref, skip_special_tokens=skip) == hf_smol_tokenizer.decode(
+      ref, skip_special_tokens=skip
+    )
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("messages", [CONVERSATION[:1], CONVERSATION, [
-    {"role": "system", "content": "Be terse."}, *CONVERSATION[:2]]])
+@pytest.mark.parametrize(
+  "messages",
+  [CONVERSATION[:1], CONVERSATION, [{"role": "system", "content": "Be terse."}, *CONVERSATION[:2]]],
+)
 def test_gguf_chat_template_matches_transformers(smol, hf_smol_tokenizer, messages):
   for gen in (True, False):
     text = smol.apply_chat_template(messages, add_generation_prompt=gen)
@@ -262,8 +278,9 @@ def test_gguf_chat_template_matches_transformers(smol, hf_smol_tokenizer, messag
 def test_synthetic_gguf_tokenizers_match_transformers(tiny_dir, tmp_path, pre, add_bos):
   # exercises what SmolLM2's file does not: split regexes, add_bos, USER_DEFINED tokens
   transformers = pytest.importorskip("transformers")
-  f = tiny_hf.build_gguf(tmp_path / "t.gguf", tiny_dir, qtype="F32", pre=pre, add_bos=add_bos,
-                         user_defined=("<think>", "</think>"))
+  f = tiny_hf.build_gguf(
+    tmp_path / "t.gguf", tiny_dir, qtype="F32", pre=pre, add_bos=add_bos, user_defined=("<think>", "</think>")
+  )
   ours = Tokenizer.from_gguf_metadata(load_gguf(f)[2])
   ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=f.name)
   assert json.loads(ours.backend.to_str()) == json.loads(ref.backend_tokenizer.to_str())

@@ -15,14 +15,20 @@ from adakv_jax.checkpoints.errors import CheckpointError, ConfigError
 from adakv_jax.checkpoints.gguf import load_gguf
 from adakv_jax.checkpoints.hf import load_hf_checkpoint
 from adakv_jax.checkpoints.layout import check_params
-from adakv_jax.checkpoints.orbax_io import (SaveTargetError, check_save_target, is_converted_dir,
-                                            load_converted, save_converted)
+from adakv_jax.checkpoints.orbax_io import (
+  SaveTargetError,
+  check_save_target,
+  is_converted_dir,
+  load_converted,
+  save_converted,
+)
 from adakv_jax.checkpoints.registry import REGISTRY, is_registered, resolve_model
 from adakv_jax.checkpoints.tokenizer import ChatTemplateError, Tokenizer
 
 
 def load_model(name_or_path: str | os.PathLike, dtype: str = "float32"):
-  """(ModelConfig, params, Tokenizer) from a registry name, a .gguf file, a transformers dir or an orbax save."""
+  """(ModelConfig, params, Tokenizer) from a registry name, a .gguf file, a transformers dir or an orbax
+  save."""
   if isinstance(name_or_path, str) and is_registered(name_or_path) and not Path(name_or_path).exists():
     name_or_path = resolve_model(name_or_path)
   path = Path(name_or_path)
@@ -41,11 +47,13 @@ def load_model(name_or_path: str | os.PathLike, dtype: str = "float32"):
     return cfg, params, Tokenizer.from_hf_dir(path)
   if not path.exists():
     raise CheckpointError(
-        f"{str(name_or_path)!r} is neither a registered model name nor an existing path "
-        f"(registered: {', '.join(sorted(REGISTRY))})")
+      f"{str(name_or_path)!r} is neither a registered model name nor an existing path "
+      f"(registered: {', '.join(sorted(REGISTRY))})"
+    )
   raise CheckpointError(
-      f"do not know how to load {str(path)!r}: expected a .gguf file, a transformers checkpoint dir "
-      f"(config.json + safetensors) or a dir written by save_converted")
+    f"do not know how to load {str(path)!r}: expected a .gguf file, a transformers checkpoint dir "
+    f"(config.json + safetensors) or a dir written by save_converted"
+  )
 
 
 def _has_gguf_magic(path: Path) -> bool:
@@ -62,8 +70,20 @@ def _cast(cfg, params, dtype):
 
 
 __all__ = [
-    "ChatTemplateError", "CheckpointError", "ConfigError", "ContextMismatchError", "load_context",
-    "save_context", "SaveTargetError", "Tokenizer", "check_params",
-    "check_save_target", "load_converted", "load_gguf", "load_hf_checkpoint", "load_model", "resolve_model",
-    "save_converted",
+  "ChatTemplateError",
+  "CheckpointError",
+  "ConfigError",
+  "ContextMismatchError",
+  "load_context",
+  "save_context",
+  "SaveTargetError",
+  "Tokenizer",
+  "check_params",
+  "check_save_target",
+  "load_converted",
+  "load_gguf",
+  "load_hf_checkpoint",
+  "load_model",
+  "resolve_model",
+  "save_converted",
 ]

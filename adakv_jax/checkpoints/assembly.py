@@ -43,9 +43,10 @@ def check_assembled(path: Path, size: int, magic: bytes) -> Path:
   if got_size == size and head.startswith(magic):
     return path
   raise CheckpointError(
-      f"{str(path)!r} is {got_size:,} bytes starting with {head[:len(magic)]!r}; expected {size:,} bytes "
-      f"starting with {magic!r}. Assembly renames only complete files, so something else changed it: "
-      f"delete it and load the model again to re-assemble it")
+    f"{str(path)!r} is {got_size:,} bytes starting with {head[: len(magic)]!r}; expected {size:,} bytes "
+    f"starting with {magic!r}. Assembly renames only complete files, so something else changed it: "
+    f"delete it and load the model again to re-assemble it"
+  )
 
 
 def assemble(parts: Sequence[Path], target: Path, size: int, magic: bytes, sha256: str) -> Path:
@@ -93,8 +94,11 @@ def _check_result(tmp: Path, parts: Sequence[Path], size: int, magic: bytes, sha
   listing = ", ".join(str(p) for p in parts)
   if got_size != size or not head.startswith(magic):
     raise CheckpointError(
-        f"the parts {listing} concatenate to {got_size:,} bytes starting with {head[:len(magic)]!r}; "
-        f"expected {size:,} bytes starting with {magic!r}; nothing was written to the cache")
+      f"the parts {listing} concatenate to {got_size:,} bytes starting with {head[: len(magic)]!r}; "
+      f"expected {size:,} bytes starting with {magic!r}; nothing was written to the cache"
+    )
   if digest != sha256:
-    raise CheckpointError(f"the parts {listing} concatenate to SHA-256 {digest}, expected {sha256}; "
-                          f"nothing was written to the cache")
+    raise CheckpointError(
+      f"the parts {listing} concatenate to SHA-256 {digest}, expected {sha256}; "
+      f"nothing was written to the cache"
+    )

@@ -26,8 +26,15 @@ from pathlib import Path
 import numpy as np
 
 from adakv_jax.checkpoints.errors import CheckpointError
-from adakv_jax.checkpoints.orbax_io import (_check_files_present, _some, check_target, config_to_dict,
-                                            restore_tree, write_and_swap, write_marker)
+from adakv_jax.checkpoints.orbax_io import (
+  _check_files_present,
+  _some,
+  check_target,
+  config_to_dict,
+  restore_tree,
+  write_and_swap,
+  write_marker,
+)
 
 CONTEXT_MARKER = "adakv_context.json"
 CONTEXT_FORMAT = "adakv-jax/context-v1"
@@ -74,12 +81,19 @@ def press_from_dict(d: dict | None):
 
 def check_context_target(path, overwrite: bool = False) -> None:
   """Raises SaveTargetError unless `path` is absent, empty or (with overwrite) a saved context."""
-  check_target(path, overwrite, marker=CONTEXT_MARKER, entries=CONTEXT_ENTRIES,
-               kind="a saved adakv-jax context", short="a saved context")
+  check_target(
+    path,
+    overwrite,
+    marker=CONTEXT_MARKER,
+    entries=CONTEXT_ENTRIES,
+    kind="a saved adakv-jax context",
+    short="a saved context",
+  )
 
 
-def save_context(path: str | os.PathLike, context, *, cfg, params, tokenizer=None, overwrite: bool = False
-                 ) -> Path:
+def save_context(
+  path: str | os.PathLike, context, *, cfg, params, tokenizer=None, overwrite: bool = False
+) -> Path:
   """Writes a CompressedContext (generation.compress_context) under `path`, with the fingerprint of the
   model and the hash of the tokenizer it must be restored with. Single-process caches only."""
   import orbax.checkpoint as ocp
@@ -90,15 +104,27 @@ def save_context(path: str | os.PathLike, context, *, cfg, params, tokenizer=Non
   check_context_target(path, overwrite)
   k, v, lengths = live_entries(context.cache)
   positions = _packed_positions(np.asarray(context.positions), lengths)
-  tree = {"k": k, "v": v, "positions": positions, "lengths": lengths.astype(np.int32),
-          "pos": np.asarray(context.cache.pos, np.int32)}
-  meta = {"format": CONTEXT_FORMAT, "model_fingerprint": model_fingerprint(cfg, params),
-          "tokenizer_sha256": tokenizer_hash(tokenizer), "press": press_to_dict(context.press),
-          "prompt_lens": [int(n) for n in context.prompt_lens], "page_size": context.page_size,
-          "dtype": str(k.dtype), "kept_entries": int(lengths.sum()), "kept_bytes": int(k.nbytes + v.nbytes),
-          "retained_mass": (None if context.retained_mass is None
-                            else np.asarray(context.retained_mass).tolist()),
-          "prefill_s": float(context.prefill_s), "meta": dict(context.meta)}
+  tree = {
+    "k": k,
+    "v": v,
+    "positions": positions,
+    "lengths": lengths.astype(np.int32),
+    "pos": np.asarray(context.cache.pos, np.int32),
+  }
+  meta = {
+    "format": CONTEXT_FORMAT,
+    "model_fingerprint": model_fingerprint(cfg, params),
+    "tokenizer_sha256": tokenizer_hash(tokenizer),
+    "press": press_to_dict(context.press),
+    "prompt_lens": [int(n) for n in context.prompt_lens],
+    "page_size": context.page_size,
+    "dtype": str(k.dtype),
+    "kept_entries": int(lengths.sum()),
+    "kept_bytes": int(k.nbytes + v.nbytes),
+    "retained_mass": (None if context.retained_mass is None else np.asarray(context.retained_mass).tolist()),
+    "prefill_s": float(context.prefill_s),
+    "meta": dict(context.meta),
+  }
 
   def write(out: Path) -> None:
     with contextlib.closing(ocp.StandardCheckpointer()) as ckpt:
@@ -124,8 +150,10 @@ def read_context_marker(path: str | os.PathLike) -> dict:
   path = Path(path).absolute()
   if not (path / CONTEXT_MARKER).is_file():
     what = "does not exist" if not path.exists() else f"has no {CONTEXT_MARKER}"
-    raise CheckpointError(f"{str(path)!r} is not a saved adakv-jax context: it {what} (a save writes it "
-                          "last, so an interrupted save is never complete)")
+    raise CheckpointError(
+      f"{str(path)!r} is not a saved adakv-jax context: it {what} (a save writes it "
+      "last, so an interrupted save is never complete)"
+    )
   try:
     meta = json.loads((path / CONTEXT_MARKER).read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -156,29 +184,39 @@ def load_context(path: str | os.PathLike, *, cfg, params, tokenizer=None, press=
   _check_files_present(path, meta.get("files", {}), damaged=_damaged)
   if meta["model_fingerprint"] != model_fingerprint(cfg, params):
     raise ContextMismatchError(
-        f"the saved context {str(path)!r} was compressed by another model (fingerprint "
-        f"{meta['model_fingerprint'][:12]}, this model's is {model_fingerprint(cfg, params)[:12]}): its keys "
-        "and values mean nothing to this model; load the model it was saved with, or compress again")
+      f"the saved context {str(path)!r} was compressed by another model (fingerprint "
+      f"{meta['model_fingerprint'][:12]}, this model's is {model_fingerprint(cfg, params)[:12]}): its keys "
+      "and values mean nothing to this model; load the model it was saved with, or compress again"
+    )
   mine, theirs = tokenizer_hash(tokenizer), meta.get("tokenizer_sha256")
   if mine is not None and theirs is not None and mine != theirs:
-    raise ContextMismatchError(f"the saved context {str(path)!r} was encoded by another tokenizer (sha256 "
-                               f"{theirs[:12]}, this one's is {mine[:12]}): its questions would be encoded "
-                               "differently")
+    raise ContextMismatchError(
+      f"the saved context {str(path)!r} was encoded by another tokenizer (sha256 "
+      f"{theirs[:12]}, this one's is {mine[:12]}): its questions would be encoded "
+      "differently"
+    )
   saved = press_from_dict(meta["press"])
   if press is not _SAVED and not _same_press(press, saved):
     raise ContextMismatchError(
-        f"the saved context {str(path)!r} was compressed with press {press_label(saved)} "
-        f"({_differences(saved, press)}); it cannot be restored with {press_label(press)}: the kept entries "
-        "are that press's choice (omit the press to use the saved one, or compress again)")
+      f"the saved context {str(path)!r} was compressed with press {press_label(saved)} "
+      f"({_differences(saved, press)}); it cannot be restored with {press_label(press)}: the kept entries "
+      "are that press's choice (omit the press to use the saved one, or compress again)"
+    )
   tree = restore_tree(path, "entries", meta.get("files"), damaged=_damaged)
   tree = {k: np.asarray(x) for k, x in tree.items()}
   lengths = tree["lengths"]
   cache = cache_from_entries(tree["k"], tree["v"], lengths, tree["pos"], room=0, page_size=meta["page_size"])
-  return CompressedContext(cache=cache, press=saved, prompt_lens=list(meta["prompt_lens"]),
-                           positions=_unpacked_positions(tree["positions"], lengths),
-                           retained_mass=None if meta.get("retained_mass") is None
-                           else np.asarray(meta["retained_mass"], np.float32),
-                           prefill_s=float(meta.get("prefill_s", 0.0)), meta=dict(meta.get("meta") or {}))
+  return CompressedContext(
+    cache=cache,
+    press=saved,
+    prompt_lens=list(meta["prompt_lens"]),
+    positions=_unpacked_positions(tree["positions"], lengths),
+    retained_mass=None
+    if meta.get("retained_mass") is None
+    else np.asarray(meta["retained_mass"], np.float32),
+    prefill_s=float(meta.get("prefill_s", 0.0)),
+    meta=dict(meta.get("meta") or {}),
+  )
 
 
 def _same_press(a, b) -> bool:
@@ -190,9 +228,11 @@ def _same_press(a, b) -> bool:
 def _differences(saved, given) -> str:
   if saved is None or given is None:
     return "the full cache" if saved is None else "a compressing press"
-  diff = [f"{f.name}={getattr(saved, f.name)!r} vs {getattr(given, f.name)!r}"
-          for f in dataclasses.fields(saved) if f.name != "backend" and getattr(saved, f.name) != getattr(
-              given, f.name)]
+  diff = [
+    f"{f.name}={getattr(saved, f.name)!r} vs {getattr(given, f.name)!r}"
+    for f in dataclasses.fields(saved)
+    if f.name != "backend" and getattr(saved, f.name) != getattr(given, f.name)
+  ]
   return _some(diff)
 
 
@@ -203,5 +243,14 @@ def _unpacked_positions(positions_E: np.ndarray, lengths_LBH: np.ndarray) -> np.
   return out
 
 
-__all__ = ["CONTEXT_MARKER", "ContextMismatchError", "check_context_target", "load_context",
-           "model_fingerprint", "read_context_marker", "save_context", "saved_bytes", "tokenizer_hash"]
+__all__ = [
+  "CONTEXT_MARKER",
+  "ContextMismatchError",
+  "check_context_target",
+  "load_context",
+  "model_fingerprint",
+  "read_context_marker",
+  "save_context",
+  "saved_bytes",
+  "tokenizer_hash",
+]

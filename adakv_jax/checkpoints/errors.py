@@ -4,7 +4,8 @@ from adakv_jax.config import ConfigError
 
 
 class CheckpointError(ValueError):
-  """A checkpoint cannot be read: missing, truncated or corrupted files, or tensors that do not fit the config."""
+  """A checkpoint cannot be read: missing, truncated or corrupted files, or tensors that do not fit the
+  config."""
 
 
 __all__ = ["CheckpointError", "ConfigError"]

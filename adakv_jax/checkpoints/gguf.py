@@ -31,20 +31,20 @@ ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 PERMUTED_QK = ("llama", "mistral")
 
 _GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
+  "token_embd.weight": "model.embed_tokens.weight",
+  "output_norm.weight": "model.norm.weight",
+  "output.weight": "lm_head.weight",
 }
 _BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+  "attn_norm": "input_layernorm",
+  "attn_q": "self_attn.q_proj",
+  "attn_k": "self_attn.k_proj",
+  "attn_v": "self_attn.v_proj",
+  "attn_output": "self_attn.o_proj",
+  "ffn_norm": "post_attention_layernorm",
+  "ffn_gate": "mlp.gate_proj",
+  "ffn_up": "mlp.up_proj",
+  "ffn_down": "mlp.down_proj",
 }
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
@@ -99,12 +99,14 @@ def open_reader(path: Path):
     reader = _reader_class()(path)
   except Exception as e:  # gguf-py fails with reshape/index errors deep inside on a cut-short file
     raise CheckpointError(
-        f"GGUF file {str(path)!r} ({size} bytes) is truncated or corrupted: {type(e).__name__}: {e}") from None
+      f"GGUF file {str(path)!r} ({size} bytes) is truncated or corrupted: {type(e).__name__}: {e}"
+    ) from None
   for t in reader.tensors:
     end = int(t.data_offset) + int(t.n_bytes)
     if end > size:
-      raise CheckpointError(f"GGUF file {str(path)!r} is truncated: tensor {t.name!r} ends at byte {end}, "
-                            f"file has {size}")
+      raise CheckpointError(
+        f"GGUF file {str(path)!r} is truncated: tensor {t.name!r} ends at byte {end}, file has {size}"
+      )
   return reader
 
 
@@ -124,8 +126,10 @@ def config_from_metadata(meta: dict[str, Any], tensor_names, dtype: str = "float
   arch = meta.get("general.architecture")
   ours = ARCHITECTURES.get(arch)
   if ours is None:
-    raise ConfigError(f"unknown architecture: GGUF general.architecture={arch!r}; "
-                      f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    raise ConfigError(
+      f"unknown architecture: GGUF general.architecture={arch!r}; "
+      f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+    )
 
   def need(key):
     if f"{arch}.{key}" not in meta:
@@ -134,7 +138,9 @@ def config_from_metadata(meta: dict[str, Any], tensor_names, dtype: str = "float
 
   hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
   kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
-  head_dim = meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count") or hidden // heads
+  head_dim = (
+    meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count") or hidden // heads
+  )
   vocab = meta.get(f"{arch}.vocab_size")
   if vocab is None:
     if "tokenizer.ggml.tokens" not in meta:
@@ -147,27 +153,30 @@ def config_from_metadata(meta: dict[str, Any], tensor_names, dtype: str = "float
   elif kind not in ("none", None):
     raise ConfigError(f"unsupported GGUF rope scaling type {kind!r} (supported: linear)")
   if "rope_freqs.weight" in tensor_names:
-    warnings.warn("GGUF file has rope_freqs.weight (Llama 3.1-style RoPE scaling factors); like transformers' "
-                  "GGUF loader we ignore it, so positions beyond the original context may degrade")
+    warnings.warn(
+      "GGUF file has rope_freqs.weight (Llama 3.1-style RoPE scaling factors); like transformers' "
+      "GGUF loader we ignore it, so positions beyond the original context may degrade",
+      stacklevel=2,
+    )
   eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
   return ModelConfig(
-      architecture=ours,
-      vocab_size=int(vocab),
-      hidden_size=hidden,
-      intermediate_size=int(need("feed_forward_length")),
-      num_layers=int(need("block_count")),
-      num_heads=heads,
-      num_kv_heads=kv_heads,
-      head_dim=int(head_dim),
-      rms_norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-      rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-      rope_scaling=scaling,
-      max_position_embeddings=int(meta.get(f"{arch}.context_length", 4096)),
-      tie_word_embeddings="output.weight" not in tensor_names,
-      attention_bias="blk.0.attn_q.bias" in tensor_names,
-      bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-      eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos)),
-      dtype=dtype,
+    architecture=ours,
+    vocab_size=int(vocab),
+    hidden_size=hidden,
+    intermediate_size=int(need("feed_forward_length")),
+    num_layers=int(need("block_count")),
+    num_heads=heads,
+    num_kv_heads=kv_heads,
+    head_dim=int(head_dim),
+    rms_norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+    rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+    rope_scaling=scaling,
+    max_position_embeddings=int(meta.get(f"{arch}.context_length", 4096)),
+    tie_word_embeddings="output.weight" not in tensor_names,
+    attention_bias="blk.0.attn_q.bias" in tensor_names,
+    bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+    eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos)),
+    dtype=dtype,
   )
 
 

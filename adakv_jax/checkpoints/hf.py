@@ -57,8 +57,9 @@ def _weight_files(path: Path) -> dict[str, Path]:
     return {name: single for name in _open_and_list(single)}
   if any(path.glob("*.bin")) or any(path.glob("*.pt")):
     raise CheckpointError(
-        f"{str(path)!r} holds only PyTorch pickle weights; re-save it with "
-        f"save_pretrained(..., safe_serialization=True) to get {SINGLE_FILE}")
+      f"{str(path)!r} holds only PyTorch pickle weights; re-save it with "
+      f"save_pretrained(..., safe_serialization=True) to get {SINGLE_FILE}"
+    )
   raise CheckpointError(f"{str(path)!r} has neither {SINGLE_FILE} nor {INDEX_FILE}")
 
 
@@ -66,7 +67,9 @@ def _open(file: Path):
   try:
     return safe_open(str(file), framework="numpy")
   except (SafetensorError, OSError) as e:
-    raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupted?): {e}") from None
+    raise CheckpointError(
+      f"{file} is not a readable safetensors file (truncated or corrupted?): {e}"
+    ) from None
 
 
 def _open_and_list(file: Path) -> list[str]:

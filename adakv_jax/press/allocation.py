@@ -22,8 +22,15 @@ from pallas_kernels.cross_head_topk import cross_head_topk
 MODES = ("uniform", "adaptive", "mix")
 
 
-def allocate(scores_BHN: jax.Array, total_B: jax.Array, floor_B: jax.Array, mode: str = "adaptive", *,
-             alpha: float = 0.0, backend: str = "auto") -> tuple[jax.Array, jax.Array]:
+def allocate(
+  scores_BHN: jax.Array,
+  total_B: jax.Array,
+  floor_B: jax.Array,
+  mode: str = "adaptive",
+  *,
+  alpha: float = 0.0,
+  backend: str = "auto",
+) -> tuple[jax.Array, jax.Array]:
   """Chooses the kept entries (or pages) of one head group.
 
   scores [B, H, N] float (-inf = never keep); total_B int [B]: units to keep over all heads;

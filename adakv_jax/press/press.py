@@ -90,14 +90,26 @@ class Press:
   backend: str = "auto"
 
   def __post_init__(self):
-    for field, valid in (("scorer", SCORER_NAMES), ("allocation", ALLOCATIONS),
-                         ("schedule", schedules.SCHEDULES), ("floor_mode", FLOOR_MODES), ("pool", POOLS),
-                         ("gqa", GQA_MODES), ("gqa_reduce", GQA_REDUCES), ("granularity", GRANULARITIES),
-                         ("chunk_score", CHUNK_SCORES), ("backend", BACKENDS)):
+    for field, valid in (
+      ("scorer", SCORER_NAMES),
+      ("allocation", ALLOCATIONS),
+      ("schedule", schedules.SCHEDULES),
+      ("floor_mode", FLOOR_MODES),
+      ("pool", POOLS),
+      ("gqa", GQA_MODES),
+      ("gqa_reduce", GQA_REDUCES),
+      ("granularity", GRANULARITIES),
+      ("chunk_score", CHUNK_SCORES),
+      ("backend", BACKENDS),
+    ):
       _check_choice(field, getattr(self, field), valid)
     _check_int("window", self.window, 1)
-    if isinstance(self.kernel, bool) or not isinstance(self.kernel, int) or self.kernel < 1 \
-        or self.kernel % 2 == 0:
+    if (
+      isinstance(self.kernel, bool)
+      or not isinstance(self.kernel, int)
+      or self.kernel < 1
+      or self.kernel % 2 == 0
+    ):
       raise ValueError(f"pooling kernel must be an odd integer >= 1 (1 = no pooling), got {self.kernel!r}")
     _check_int("pyramid_beta", self.pyramid_beta, 1)
     _check_int("sink_tokens", self.sink_tokens, 0)
@@ -106,18 +118,22 @@ class Press:
     if not isinstance(self.floor_alpha, (int, float)) or not 0.0 <= self.floor_alpha <= 1.0:
       raise ValueError(f"floor_alpha must lie in [0, 1], got {self.floor_alpha!r}")
     if (self.budget is None) == (self.compression_ratio is None):
-      raise ValueError("give exactly one of budget and compression_ratio "
-                       "(set budget=None to use a compression ratio)")
+      raise ValueError(
+        "give exactly one of budget and compression_ratio (set budget=None to use a compression ratio)"
+      )
     if self.budget is not None:
       _check_int("budget", self.budget, 1)
       if self.budget < self.window:
-        raise ValueError(f"budget smaller than the window: budget {self.budget} < window {self.window} "
-                         "(the budget counts the window, which is always kept)")
+        raise ValueError(
+          f"budget smaller than the window: budget {self.budget} < window {self.window} "
+          "(the budget counts the window, which is always kept)"
+        )
     if self.compression_ratio is not None and (
-        not isinstance(self.compression_ratio, (int, float)) or not 0.0 <= self.compression_ratio < 1.0):
+      not isinstance(self.compression_ratio, (int, float)) or not 0.0 <= self.compression_ratio < 1.0
+    ):
       raise ValueError(f"compression_ratio must lie in [0, 1), got {self.compression_ratio!r}")
 
-  def replace(self, **kw) -> "Press":
+  def replace(self, **kw) -> Press:
     return dataclasses.replace(self, **kw)
 
   # ---- shapes --------------------------------------------------------------------------------------
@@ -135,9 +151,10 @@ class Press:
     """Page granularity counts budgets in pages: B' must be a whole number of them."""
     if self.granularity == "page" and self.budget is not None and (self.budget - self.window) % page_size:
       raise ValueError(
-          f"page granularity needs budget - window to be a whole number of pages: budget {self.budget} - "
-          f"window {self.window} = {self.budget - self.window} is not a multiple of page size {page_size} "
-          f"(e.g. budget {self.window + page_size * max((self.budget - self.window) // page_size, 1)})")
+        f"page granularity needs budget - window to be a whole number of pages: budget {self.budget} - "
+        f"window {self.window} = {self.budget - self.window} is not a multiple of page size {page_size} "
+        f"(e.g. budget {self.window + page_size * max((self.budget - self.window) // page_size, 1)})"
+      )
 
   # ---- budgets -------------------------------------------------------------------------------------
 
@@ -206,12 +223,15 @@ class Press:
     notes = []
     for i, n in enumerate(prompt_lens):
       if int(n) != n or n < 1:
-        raise ValueError(f"prompt {i}: length {n!r} is not a positive integer (empty prompts cannot be "
-                         "prefilled or scored)")
+        raise ValueError(
+          f"prompt {i}: length {n!r} is not a positive integer (empty prompts cannot be prefilled or scored)"
+        )
       n = int(n)
       if n <= self.window:
-        notes.append(f"prompt {i}: {n} tokens <= window {self.window}: the observation window covers the "
-                     "whole prompt; nothing to evict")
+        notes.append(
+          f"prompt {i}: {n} tokens <= window {self.window}: the observation window covers the "
+          "whole prompt; nothing to evict"
+        )
         continue
       if self.budget is not None:
         if n <= self.budget:
@@ -219,17 +239,28 @@ class Press:
       else:
         kept = _floor_mul(n, _fraction(1.0 - self.compression_ratio))
         if kept < self.window:
-          notes.append(f"prompt {i}: compression_ratio {self.compression_ratio} would keep {kept} of {n} "
-                       f"tokens, fewer than the window {self.window}, which is always kept")
+          notes.append(
+            f"prompt {i}: compression_ratio {self.compression_ratio} would keep {kept} of {n} "
+            f"tokens, fewer than the window {self.window}, which is always kept"
+          )
     return notes
 
 
 # ---- the per-layer selection -------------------------------------------------------------------------
 
 
-def select(press: Press, q_win_BHWD: jax.Array, k_BKLD: jax.Array, prompt_len_B: jax.Array,
-           units_B: jax.Array, *, page_size: int, colsum_BHL: jax.Array | None = None,
-           rng: jax.Array | None = None, groups: int | None = None):
+def select(
+  press: Press,
+  q_win_BHWD: jax.Array,
+  k_BKLD: jax.Array,
+  prompt_len_B: jax.Array,
+  units_B: jax.Array,
+  *,
+  page_size: int,
+  colsum_BHL: jax.Array | None = None,
+  rng: jax.Array | None = None,
+  groups: int | None = None,
+):
   """Chooses one layer's kept entries: (keep_BHL bool over cache heads, info).
 
   q_win_BHWD: the last w queries of each right-padded prompt (after RoPE; slots before position 0 are
@@ -241,10 +272,16 @@ def select(press: Press, q_win_BHWD: jax.Array, k_BKLD: jax.Array, prompt_len_B:
   """
   b, kh, n, d = k_BKLD.shape
   w = press.window
-  if q_win_BHWD.ndim != 4 or q_win_BHWD.shape[0] != b or q_win_BHWD.shape[2:] != (w, d) \
-      or q_win_BHWD.shape[1] % kh:
-    raise ValueError(f"q_win_BHWD has shape {q_win_BHWD.shape}, expected [B={b}, H (a multiple of K={kh}), "
-                     f"window={w}, D={d}]")
+  if (
+    q_win_BHWD.ndim != 4
+    or q_win_BHWD.shape[0] != b
+    or q_win_BHWD.shape[2:] != (w, d)
+    or q_win_BHWD.shape[1] % kh
+  ):
+    raise ValueError(
+      f"q_win_BHWD has shape {q_win_BHWD.shape}, expected [B={b}, H (a multiple of K={kh}), "
+      f"window={w}, D={d}]"
+    )
   groups = press.head_groups if groups is None else groups
   hp = scorers.cache_heads_of(q_win_BHWD, k_BKLD, press)
   if hp % groups:
@@ -268,14 +305,17 @@ def select(press: Press, q_win_BHWD: jax.Array, k_BKLD: jax.Array, prompt_len_B:
   keep_units = _allocate_in_groups(press, scores, units_B, groups)
   if press.granularity == "page":
     c = scores.shape[-1]
-    keep_BHL = jnp.zeros((b, hp, n), bool).at[:, :, :c * page_size].set(
-        jnp.repeat(keep_units, page_size, axis=-1))
+    keep_BHL = (
+      jnp.zeros((b, hp, n), bool).at[:, :, : c * page_size].set(jnp.repeat(keep_units, page_size, axis=-1))
+    )
   else:
     keep_BHL = keep_units
   tail_BL = (pos_L[None, :] >= tail_start_B[:, None]) & (pos_L[None, :] < len_B[:, None])
   keep_BHL = keep_BHL | tail_BL[:, None, :]
-  info = {"budgets": jnp.sum(keep_BHL, axis=-1, dtype=jnp.int32),
-          "retained_mass": retained_mass(q_win_BHWD, k_BKLD, len_B, keep_BHL, press)}
+  info = {
+    "budgets": jnp.sum(keep_BHL, axis=-1, dtype=jnp.int32),
+    "retained_mass": retained_mass(q_win_BHWD, k_BKLD, len_B, keep_BHL, press),
+  }
   return keep_BHL, info
 
 
@@ -289,8 +329,14 @@ def _allocate_in_groups(press: Press, scores_BHN, units_B, groups: int):
     mode = "uniform"
   else:
     mode = "adaptive" if press.floor_mode == "reserve" else "mix"
-  keep, _ = allocation.allocate(s, hg * units, _floor_mul(units, _fraction(press.floor_alpha)), mode,
-                                alpha=press.floor_alpha, backend=press.backend)
+  keep, _ = allocation.allocate(
+    s,
+    hg * units,
+    _floor_mul(units, _fraction(press.floor_alpha)),
+    mode,
+    alpha=press.floor_alpha,
+    backend=press.backend,
+  )
   return keep.reshape(b, h, n)
 
 
@@ -307,16 +353,16 @@ def retained_mass(q_win_BHWD, k_BKLD, len_B, keep_BHL, press) -> jax.Array:
 # ---- presets -----------------------------------------------------------------------------------------
 
 PRESETS: dict[str, dict | None] = {
-    "full": None,
-    "snapkv": dict(scorer="snapkv", allocation="uniform"),
-    "ada-snapkv": dict(scorer="snapkv", allocation="adaptive"),
-    "pyramidkv": dict(scorer="snapkv", allocation="uniform", schedule="pyramid"),
-    "ada-pyramidkv": dict(scorer="snapkv", allocation="adaptive", schedule="pyramid"),
-    "h2o": dict(scorer="h2o", allocation="uniform", kernel=1),
-    "ada-h2o": dict(scorer="h2o", allocation="adaptive", kernel=1),
-    "streamingllm": dict(scorer="streamingllm", allocation="uniform", kernel=1),
-    "knorm": dict(scorer="knorm", allocation="uniform", kernel=1),
-    "random": dict(scorer="random", allocation="uniform", kernel=1),
+  "full": None,
+  "snapkv": dict(scorer="snapkv", allocation="uniform"),
+  "ada-snapkv": dict(scorer="snapkv", allocation="adaptive"),
+  "pyramidkv": dict(scorer="snapkv", allocation="uniform", schedule="pyramid"),
+  "ada-pyramidkv": dict(scorer="snapkv", allocation="adaptive", schedule="pyramid"),
+  "h2o": dict(scorer="h2o", allocation="uniform", kernel=1),
+  "ada-h2o": dict(scorer="h2o", allocation="adaptive", kernel=1),
+  "streamingllm": dict(scorer="streamingllm", allocation="uniform", kernel=1),
+  "knorm": dict(scorer="knorm", allocation="uniform", kernel=1),
+  "random": dict(scorer="random", allocation="uniform", kernel=1),
 }
 
 
@@ -330,8 +376,9 @@ def make_press(name: str, **overrides) -> Press | None:
   fields = PRESETS[name]
   if fields is None:
     if overrides:
-      raise ValueError(f"press 'full' keeps the whole cache: {', '.join(sorted(overrides))} would have no "
-                       "effect")
+      raise ValueError(
+        f"press 'full' keeps the whole cache: {', '.join(sorted(overrides))} would have no effect"
+      )
     return None
   if overrides.get("compression_ratio") is not None and "budget" not in overrides:
     overrides["budget"] = None
@@ -343,8 +390,12 @@ def press_label(press: Press | None) -> str:
   if press is None:
     return "full"
   key = (press.scorer, press.allocation, press.schedule)
-  names = {(v["scorer"], v["allocation"], v.get("schedule", "flat")): k
-           for k, v in PRESETS.items() if v is not None}
+  names = {
+    (v["scorer"], v["allocation"], v.get("schedule", "flat")): k for k, v in PRESETS.items() if v is not None
+  }
   size = f"@{press.budget}" if press.budget is not None else f"@r{press.compression_ratio}"
-  return names.get(key, f"{press.scorer}-{press.allocation}-{press.schedule}") + size + (
-      "/page" if press.granularity == "page" else "")
+  return (
+    names.get(key, f"{press.scorer}-{press.allocation}-{press.schedule}")
+    + size
+    + ("/page" if press.granularity == "page" else "")
+  )

@@ -19,8 +19,9 @@ def flat(selectable_B: jax.Array, num_layers: int) -> jax.Array:
   return jnp.broadcast_to(bp_B[None, :], (num_layers, bp_B.shape[0]))
 
 
-def pyramid(selectable_B: jax.Array, num_layers: int, beta: int,
-            prefix_B: jax.Array | None = None) -> jax.Array:
+def pyramid(
+  selectable_B: jax.Array, num_layers: int, beta: int, prefix_B: jax.Array | None = None
+) -> jax.Array:
   """Linear from max = 2B' - min at layer 0 down to min = B' // beta at the last layer.
 
   With prefix_B (evictable entries per head, len - w), a max above the prefix is clipped to it and min
@@ -49,8 +50,9 @@ def pyramid(selectable_B: jax.Array, num_layers: int, beta: int,
   return base_NB + (rank_NB < rem_B[None, :]).astype(jnp.int32)
 
 
-def layer_selectable(schedule: str, selectable_B: jax.Array, num_layers: int, beta: int,
-                     prefix_B: jax.Array | None = None) -> jax.Array:
+def layer_selectable(
+  schedule: str, selectable_B: jax.Array, num_layers: int, beta: int, prefix_B: jax.Array | None = None
+) -> jax.Array:
   """B'_l for every layer and sequence: int32 [num_layers, B]."""
   if schedule == "flat":
     return flat(selectable_B, num_layers)

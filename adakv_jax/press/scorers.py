@@ -2,8 +2,8 @@
 
 Every scorer has the signature (q_win_BHWD, k_BKLD, colsum_BHL, prompt_len_B, rng, press) and returns raw
 scores [B, H', L], higher = keep; H' is the cache heads: the K of k_BKLD, or the H of q_win_BHWD at
-query-head granularity. Head counts come from the arrays, so any attention layer can be scored. Pooling and the masking of
-positions that cannot be evicted or do not exist (window, padding) happen afterwards, in
+query-head granularity. Head counts come from the arrays, so any attention layer can be scored. Pooling
+and the masking of positions that cannot be evicted or do not exist (window, padding) happen afterwards, in
 `finish_scores`, so every scorer composes with every allocation and schedule.
 
 Prompts are right-padded to a common L; sequence b's window queries sit at positions
@@ -125,7 +125,7 @@ def chunk_scores(token_BHL: jax.Array, num_chunks_B: jax.Array, page_size: int, 
   rest are -inf. reduce: "mean" (the chunk's average attention) or "max" (its strongest token)."""
   b, h, n = token_BHL.shape
   c = n // page_size
-  s = token_BHL[:, :, :c * page_size].reshape(b, h, c, page_size)
+  s = token_BHL[:, :, : c * page_size].reshape(b, h, c, page_size)
   s = jnp.max(s, axis=-1) if reduce == "max" else jnp.mean(s, axis=-1)
   ok_BC = jnp.arange(c)[None, :] < num_chunks_B[:, None]
   return jnp.where(ok_BC[:, None, :], s, -jnp.inf)

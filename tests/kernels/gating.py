@@ -15,15 +15,16 @@ def skip_reason(lowering: str) -> str | None:
   platform = jax.default_backend()
   if platform == "cpu" or _NATIVE[lowering] == platform:
     return None
-  return (f"the {lowering} lowering executes only on {_NATIVE[lowering].upper()} or in the CPU "
-          f"interpreter, not on {platform.upper()}")
+  return (
+    f"the {lowering} lowering executes only on {_NATIVE[lowering].upper()} or in the CPU "
+    f"interpreter, not on {platform.upper()}"
+  )
 
 
 def lowering_param(lowering: str, *values):
   """A pytest.param whose first value is the lowering, skipped where that lowering cannot execute."""
   reason = skip_reason(lowering)
-  return pytest.param(lowering, *values, marks=pytest.mark.skipif(reason is not None,
-                                                                  reason=reason or ""))
+  return pytest.param(lowering, *values, marks=pytest.mark.skipif(reason is not None, reason=reason or ""))
 
 
 def default_lowering() -> str:

@@ -19,8 +19,9 @@ def _lengths(rng, heads, page, max_pages):
   return rng.permutation(np.array(cases[:heads]))
 
 
-def paged_case(seed, b, k, g, t, d, page, max_pages, dtype=jnp.float32, spare_pages=3, lens_BK=None,
-               num_pages=None):
+def paged_case(
+  seed, b, k, g, t, d, page, max_pages, dtype=jnp.float32, spare_pages=3, lens_BK=None, num_pages=None
+):
   """(q, k_pages, v_pages, page_table, lengths), numpy-made (no per-op compiles). The pool has
   num_pages pages (default: the live ones + spare_pages), the live ones at random places."""
   rng = np.random.default_rng(seed)
@@ -42,8 +43,13 @@ def paged_case(seed, b, k, g, t, d, page, max_pages, dtype=jnp.float32, spare_pa
         kp[pid, :rows] = rng.standard_normal((rows, d))
         vp[pid, :rows] = rng.standard_normal((rows, d))
   q = rng.standard_normal((b, k, g, t, d), np.float32)
-  return (jnp.asarray(q, dtype), jnp.asarray(kp, dtype), jnp.asarray(vp, dtype), jnp.asarray(table),
-          jnp.asarray(lens, jnp.int32))
+  return (
+    jnp.asarray(q, dtype),
+    jnp.asarray(kp, dtype),
+    jnp.asarray(vp, dtype),
+    jnp.asarray(table),
+    jnp.asarray(lens, jnp.int32),
+  )
 
 
 def naive_attention(q, kp, vp, table, lens, sm_scale=None):
@@ -56,7 +62,7 @@ def naive_attention(q, kp, vp, table, lens, sm_scale=None):
   for bi in range(b):
     for ki in range(k):
       n = int(lens[bi, ki])
-      pages = table[bi, ki, :-(-n // page)]
+      pages = table[bi, ki, : -(-n // page)]
       keys = kp[pages].reshape(-1, d)[:n]
       vals = vp[pages].reshape(-1, d)[:n]
       for ti in range(t):

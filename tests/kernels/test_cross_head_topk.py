@@ -45,9 +45,14 @@ def _check(scores, total, floor, cap, lowering=None):
 
 def test_spec_worked_example():
   """ADAKV_SPEC section 2: global top-6 gives budgets 4 / 1 / 1; floor = cap = 2 is uniform."""
-  s = np.array([[.32, .01, .18, .08, .22, .19],
-                [.89, .01, .05, .02, .01, .02],
-                [.68, .01, .08, .04, .09, .10]], np.float32)[None]
+  s = np.array(
+    [
+      [0.32, 0.01, 0.18, 0.08, 0.22, 0.19],
+      [0.89, 0.01, 0.05, 0.02, 0.01, 0.02],
+      [0.68, 0.01, 0.08, 0.04, 0.09, 0.10],
+    ],
+    np.float32,
+  )[None]
   keep, budgets = cross_head_topk(s, 6, 0, 6, backend="pallas")
   np.testing.assert_array_equal(budgets, [[4, 1, 1]])
   np.testing.assert_allclose(np.sum(np.where(keep, s, 0)), 2.48, atol=1e-6)
@@ -59,8 +64,7 @@ def test_spec_worked_example():
 @settings(max_examples=25, deadline=None)
 @given(data=st.data())
 def test_kernel_equals_reference_and_greedy(cap, data):
-  idx = data.draw(st.lists(st.integers(0, len(TIE_VALUES) - 1), min_size=B * H * N,
-                           max_size=B * H * N))
+  idx = data.draw(st.lists(st.integers(0, len(TIE_VALUES) - 1), min_size=B * H * N, max_size=B * H * N))
   scores = TIE_VALUES[np.array(idx)].reshape(B, H, N)
   total = np.array(data.draw(st.lists(st.integers(0, H * N + 3), min_size=B, max_size=B)))
   floor = np.array(data.draw(st.lists(st.integers(0, min(cap, N) + 2), min_size=B, max_size=B)))
@@ -76,7 +80,7 @@ def test_seeded_ties_floors_caps(lowering):
   """Many sequences per call: each row of the batch a different (total, floor) regime."""
   rng = np.random.default_rng(0)
   cap, b = 9, 8
-  scores = rng.choice(np.array([1.0, 2.0, -np.inf], np.float32), size=(b, H, N), p=[.45, .45, .1])
+  scores = rng.choice(np.array([1.0, 2.0, -np.inf], np.float32), size=(b, H, N), p=[0.45, 0.45, 0.1])
   scores[0] = 1.0  # a single value everywhere: pure position/head tie-break
   scores[1, 1] = -np.inf  # an empty head: its floor cannot be met
   total = np.array([10, 30, 0, H * cap, H * cap + 4, 5, 17, 3])
@@ -93,8 +97,7 @@ def test_seeded_ties_floors_caps(lowering):
 def test_nan_and_signed_zero_rank_like_lax_top_k():
   """+NaN ranks above everything (taking a rank slot) but is never kept; -0.0 ranks below +0.0."""
   rng = np.random.default_rng(1)
-  scores = rng.choice(np.array([0.0, -0.0, np.nan, -np.nan, 1.0, -np.inf], np.float32),
-                      size=(B, H, N))
+  scores = rng.choice(np.array([0.0, -0.0, np.nan, -np.nan, 1.0, -np.inf], np.float32), size=(B, H, N))
   keep, _ = _check(scores, np.array([5, 20, 40, 60]), np.array([0, 2, 5, 1]), 7)
   assert not keep[np.isnan(scores)].any()
 
@@ -114,11 +117,11 @@ def test_bad_arguments_fail_clearly():
     cross_head_topk(jnp.zeros((2, 4)), 2, 0, 2, backend="pallas")
 
 
-@pytest.mark.parametrize("platform,lowering,marker", [("tpu", "tpu", "tpu_custom_call"),
-                                                      ("cuda", "triton", "xla.gpu.triton")])
+@pytest.mark.parametrize(
+  "platform,lowering,marker", [("tpu", "tpu", "tpu_custom_call"), ("cuda", "triton", "xla.gpu.triton")]
+)
 def test_kernel_lowers_for_device(platform, lowering, marker):
   """Runs the real Mosaic / Triton lowering to MLIR (no device needed); compiling it is not checked."""
-  run = lambda s, t: cross_head_topk(s, t, t, 64, backend="pallas", interpret=False,
-                                     lowering=lowering)
+  run = lambda s, t: cross_head_topk(s, t, t, 64, backend="pallas", interpret=False, lowering=lowering)
   lowered = jax.jit(run).trace(jnp.zeros((2, 8, 1000)), jnp.zeros(2, jnp.int32))
   assert marker in lowered.lower(lowering_platforms=(platform,)).as_text()

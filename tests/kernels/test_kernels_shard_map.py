@@ -21,8 +21,9 @@ from tests.kernels.gating import default_lowering
 from tests.kernels.paged_cases import paged_case
 
 SHARDS = 8
-pytestmark = pytest.mark.skipif(jax.device_count() < SHARDS,
-                                reason="needs 8 devices: XLA_FLAGS was set before tests/conftest.py")
+pytestmark = pytest.mark.skipif(
+  jax.device_count() < SHARDS, reason="needs 8 devices: XLA_FLAGS was set before tests/conftest.py"
+)
 
 
 def _mesh():
@@ -36,13 +37,21 @@ def _sharded_paged_case(axis, g=2, t=1, d=64, page=8, max_pages=4):
   cap = page * max_pages
   rng = np.random.default_rng(axis)
   lens = rng.permutation([0, 1, page, page + 1, cap, *rng.integers(1, cap + 1, size=2 * SHARDS - 5)])
-  parts = [paged_case(10 + i, b, k, g, t, d, page, max_pages, num_pages=n_local,
-                      lens_BK=lens[2 * i:2 * i + 2].reshape(b, k)) for i in range(SHARDS)]
-  q, kp, vp, table, lens = (np.concatenate([np.asarray(p[j], np.float32 if j < 3 else np.int32)
-                                            for p in parts], axis=0 if j in (1, 2) else axis)
-                            for j in range(5))
-  offset = np.concatenate([np.full(np.asarray(p[3]).shape, i * n_local) for i, p in enumerate(parts)],
-                          axis=axis)
+  parts = [
+    paged_case(
+      10 + i, b, k, g, t, d, page, max_pages, num_pages=n_local, lens_BK=lens[2 * i : 2 * i + 2].reshape(b, k)
+    )
+    for i in range(SHARDS)
+  ]
+  q, kp, vp, table, lens = (
+    np.concatenate(
+      [np.asarray(p[j], np.float32 if j < 3 else np.int32) for p in parts], axis=0 if j in (1, 2) else axis
+    )
+    for j in range(5)
+  )
+  offset = np.concatenate(
+    [np.full(np.asarray(p[3]).shape, i * n_local) for i, p in enumerate(parts)], axis=axis
+  )
   live = np.arange(max_pages) < -(-lens // page)[..., None]
   global_table = np.where(live, table + offset, -1)
   return tuple(map(jnp.asarray, (q, kp, vp, table, lens))), jnp.asarray(global_table, jnp.int32)
@@ -55,8 +64,9 @@ def test_paged_attention_in_shard_map(axis, backend):
   head = P("data") if axis == 0 else P(None, "data")
   specs = (head, P("data"), P("data"), head, head)  # the pools shard along N
   mesh = _mesh()
-  kernel = functools.partial(paged_attention, backend=backend, lowering=default_lowering(),
-                             pages_per_block=2, num_splits=2)
+  kernel = functools.partial(
+    paged_attention, backend=backend, lowering=default_lowering(), pages_per_block=2, num_splits=2
+  )
   run = jax.jit(jax.shard_map(kernel, mesh=mesh, in_specs=specs, out_specs=head))
   args = [jax.device_put(x, NamedSharding(mesh, s)) for x, s in zip((q, kp, vp, table, lens), specs)]
   out = run(*args)

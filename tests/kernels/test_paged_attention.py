@@ -17,8 +17,13 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import backend
 from pallas_kernels import paged_attention as pa
-from pallas_kernels.paged_attention import (check_page_size, paged_attention, paged_attention_reference,
-                                            paged_attention_xla, paged_decode_attention)
+from pallas_kernels.paged_attention import (
+  check_page_size,
+  paged_attention,
+  paged_attention_reference,
+  paged_attention_xla,
+  paged_decode_attention,
+)
 from tests.kernels.gating import lowering_param
 from tests.kernels.paged_cases import naive_attention, paged_case
 
@@ -37,8 +42,7 @@ def _empty_rows(lens, t):
   return np.asarray(lens)[:, :, None] - t + 1 + np.arange(t) <= 0
 
 
-@pytest.mark.parametrize("t,page,dtype", [(1, 16, jnp.float32), (3, 8, jnp.float32),
-                                          (2, 32, jnp.bfloat16)])
+@pytest.mark.parametrize("t,page,dtype", [(1, 16, jnp.float32), (3, 8, jnp.float32), (2, 32, jnp.bfloat16)])
 def test_reference_matches_float64_loop(t, page, dtype):
   case = paged_case(t + page, 2, 4, 3, t, 64, page, 5, dtype)
   out = reference(*case)
@@ -58,23 +62,31 @@ def test_chunk_row_t_is_a_decode_step_over_its_prefix():
   out = reference(q, kp, vp, table, lens)
   for i in range(t):
     # Entries past a decode step's own length are dead to it: the same pages, a shorter length.
-    want = reference(q[:, :, :, i:i + 1], kp, vp, table, jnp.maximum(lens - t + 1 + i, 0))
-    np.testing.assert_allclose(out[:, :, :, i:i + 1], want, atol=1e-6)
+    want = reference(q[:, :, :, i : i + 1], kp, vp, table, jnp.maximum(lens - t + 1 + i, 0))
+    np.testing.assert_allclose(out[:, :, :, i : i + 1], want, atol=1e-6)
 
 
 XLA_FORMULATIONS = {"all_rows": pa._all_rows_attention, "gathered": pa._gathered_attention}
 
 
 @pytest.mark.parametrize("formulation", list(XLA_FORMULATIONS))
-@pytest.mark.parametrize("g,t,d,page,dtype", [(1, 1, 64, 8, jnp.float32), (8, 1, 128, 16, jnp.float32),
-                                              (4, 3, 64, 32, jnp.bfloat16), (2, 5, 128, 16, jnp.bfloat16)])
+@pytest.mark.parametrize(
+  "g,t,d,page,dtype",
+  [
+    (1, 1, 64, 8, jnp.float32),
+    (8, 1, 128, 16, jnp.float32),
+    (4, 3, 64, 32, jnp.bfloat16),
+    (2, 5, 128, 16, jnp.bfloat16),
+  ],
+)
 def test_xla_formulations_match_reference(formulation, g, t, d, page, dtype):
   """Both formulations paged_attention_xla chooses between, on the same inputs."""
   case = paged_case(g * 10 + t, 2, 4, g, t, d, page, 5, dtype)
   fn = XLA_FORMULATIONS[formulation]
   if formulation == "gathered":
-    fn = functools.partial(fn, compute_dtype=dtype,
-                           precision=jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None)
+    fn = functools.partial(
+      fn, compute_dtype=dtype, precision=jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    )
   if formulation == "all_rows":
     fn = functools.partial(fn, finite_dead=False)
   out = jax.jit(functools.partial(fn, sm_scale=1 / math.sqrt(d)))(*case)
@@ -115,14 +127,14 @@ def test_xla_path_switches_formulation_above_the_documented_threshold(monkeypatc
 # multiple of the block), one split and several, and the defaults appear for both lowerings. T = 1
 # rows go through paged_decode_attention.
 KERNEL_CASES = [
-    lowering_param("tpu", 1, 64, jnp.float32, 1, 8, 6, 4, 2, None),
-    lowering_param("tpu", 4, 128, jnp.bfloat16, 1, 16, 4, 2, 1, 0.3),
-    lowering_param("tpu", 8, 64, jnp.bfloat16, 3, 32, 3, 1, 2, None),
-    lowering_param("tpu", 3, 128, jnp.float32, 4, 16, 9, None, None, None),
-    lowering_param("triton", 1, 128, jnp.float32, 1, 8, 6, 2, 2, None),
-    lowering_param("triton", 8, 64, jnp.bfloat16, 2, 16, 5, 1, 1, None),
-    lowering_param("triton", 4, 64, jnp.float32, 3, 32, 3, None, None, None),
-    lowering_param("triton", 6, 128, jnp.bfloat16, 1, 8, 12, 4, 3, 0.3),
+  lowering_param("tpu", 1, 64, jnp.float32, 1, 8, 6, 4, 2, None),
+  lowering_param("tpu", 4, 128, jnp.bfloat16, 1, 16, 4, 2, 1, 0.3),
+  lowering_param("tpu", 8, 64, jnp.bfloat16, 3, 32, 3, 1, 2, None),
+  lowering_param("tpu", 3, 128, jnp.float32, 4, 16, 9, None, None, None),
+  lowering_param("triton", 1, 128, jnp.float32, 1, 8, 6, 2, 2, None),
+  lowering_param("triton", 8, 64, jnp.bfloat16, 2, 16, 5, 1, 1, None),
+  lowering_param("triton", 4, 64, jnp.float32, 3, 32, 3, None, None, None),
+  lowering_param("triton", 6, 128, jnp.bfloat16, 1, 8, 12, 4, 3, 0.3),
 ]
 
 
@@ -159,10 +171,15 @@ def test_interpreter_would_catch_a_dereferenced_dead_id():
 def test_splits_cover_each_heads_live_blocks_once(page, ppb, splits):
   m = 12
   for length in range(0, m * page + 1, 5):
-    ranges = [tuple(int(x) for x in pa.split_blocks(length, s, page_size=page, pages_per_block=ppb,
-                                                     num_splits=splits)) for s in range(splits)]
+    ranges = [
+      tuple(
+        int(x) for x in pa.split_blocks(length, s, page_size=page, pages_per_block=ppb, num_splits=splits)
+      )
+      for s in range(splits)
+    ]
     covered = [blk for first, end in ranges for blk in range(first, end)]
-    assert covered == list(range(-(-(-(-length // page)) // ppb))), (length, ranges)
+    pages = -(-length // page)
+    assert covered == list(range(-(-pages // ppb))), (length, ranges)
 
 
 def test_default_pages_per_block():
@@ -178,8 +195,9 @@ def test_default_pages_per_block():
 def test_auto_backend_takes_the_xla_path_on_cpu(monkeypatch):
   assert backend.resolve_backend("auto") == ("xla" if jax.default_backend() == "cpu" else "pallas")
   calls = []
-  monkeypatch.setattr(pa, "paged_attention_xla",
-                      functools.partial(_recorded, calls, "xla", pa.paged_attention_xla))
+  monkeypatch.setattr(
+    pa, "paged_attention_xla", functools.partial(_recorded, calls, "xla", pa.paged_attention_xla)
+  )
   case = paged_case(6, 2, 4, 2, 1, 64, 16, 3)
   jax.eval_shape(paged_attention, *case)  # traces the dispatch, computes nothing
   assert calls == (["xla"] if jax.default_backend() == "cpu" else [])
@@ -197,11 +215,18 @@ def test_page_size_rule_accepts(page):
 
 
 def _zeros_case(b=1, k=2, g=1, t=1, d=64, n=6, page=16, m=4, dtype=jnp.float32):
-  return (jnp.zeros((b, k, g, t, d), dtype), jnp.zeros((n, page, d), dtype), jnp.zeros((n, page, d), dtype),
-          jnp.zeros((b, k, m), jnp.int32), jnp.zeros((b, k), jnp.int32))
+  return (
+    jnp.zeros((b, k, g, t, d), dtype),
+    jnp.zeros((n, page, d), dtype),
+    jnp.zeros((n, page, d), dtype),
+    jnp.zeros((b, k, m), jnp.int32),
+    jnp.zeros((b, k), jnp.int32),
+  )
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(backend="cuda"), "unknown kernel backend"),
     (dict(backend="pallas", lowering="mosaic"), "unknown lowering"),
     (dict(backend="pallas", pages_per_block=0), "pages_per_block"),
@@ -209,7 +234,8 @@ def _zeros_case(b=1, k=2, g=1, t=1, d=64, n=6, page=16, m=4, dtype=jnp.float32):
     (dict(backend="pallas", pages_per_block=3, lowering="triton"), "power of two >= 16"),
     (dict(backend="pallas", num_splits=0), "num_splits"),
     (dict(backend="pallas", pages_per_block=2, num_splits=3), "num_splits"),
-])
+  ],
+)
 def test_bad_kernel_arguments_fail_clearly(kwargs, match):
   with pytest.raises(ValueError, match=match):
     paged_attention(*_zeros_case(), **kwargs)
@@ -233,12 +259,12 @@ def test_kernels_refuse_pages_and_head_dims_they_cannot_tile():
 def test_shape_mismatches_fail_clearly():
   q, kp, vp, table, lens = _zeros_case()
   bad = {
-      "must be \\[B, K, G, T, D\\]": (q[0], kp, vp, table, lens),
-      "must both be \\[N, P, D\\]": (q, kp[..., :32], vp[..., :32], table, lens),
-      "differ in dtype": (q, kp, vp.astype(jnp.bfloat16), table, lens),
-      "page table .* must be \\[B, K, M\\]": (q, kp, vp, table[:, :1], lens),
-      "lengths .* must be \\[B, K\\]": (q, kp, vp, table, lens[0]),
-      "page table must be integer": (q, kp, vp, table.astype(jnp.float32), lens),
+    "must be \\[B, K, G, T, D\\]": (q[0], kp, vp, table, lens),
+    "must both be \\[N, P, D\\]": (q, kp[..., :32], vp[..., :32], table, lens),
+    "differ in dtype": (q, kp, vp.astype(jnp.bfloat16), table, lens),
+    "page table .* must be \\[B, K, M\\]": (q, kp, vp, table[:, :1], lens),
+    "lengths .* must be \\[B, K\\]": (q, kp, vp, table, lens[0]),
+    "page table must be integer": (q, kp, vp, table.astype(jnp.float32), lens),
   }
   for match, args in bad.items():
     for fn in (paged_attention, paged_attention_xla, paged_attention_reference):
@@ -248,10 +274,12 @@ def test_shape_mismatches_fail_clearly():
     paged_decode_attention(q, kp, vp, table, lens)
 
 
-@pytest.mark.parametrize("platform,lowering,marker", [("tpu", "tpu", "tpu_custom_call"),
-                                                      ("cuda", "triton", "xla.gpu.triton")])
-@pytest.mark.parametrize("dtype,chunk,page", [(jnp.float32, 1, 16), (jnp.bfloat16, 3, 8),
-                                              (jnp.bfloat16, 1, 32)])
+@pytest.mark.parametrize(
+  "platform,lowering,marker", [("tpu", "tpu", "tpu_custom_call"), ("cuda", "triton", "xla.gpu.triton")]
+)
+@pytest.mark.parametrize(
+  "dtype,chunk,page", [(jnp.float32, 1, 16), (jnp.bfloat16, 3, 8), (jnp.bfloat16, 1, 32)]
+)
 def test_kernel_lowers_for_device(platform, lowering, marker, dtype, chunk, page):
   """Runs the real Mosaic / Triton lowering to MLIR (no device needed): catches unsupported ops and
   shapes. Compiling that MLIR to machine code needs the device and is not checked here."""

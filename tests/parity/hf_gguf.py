@@ -10,16 +10,26 @@ import transformers
 
 from adakv_jax.checkpoints.gguf import _reader_class
 
-_LAYER_MAP = {"wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
-              "wo": "self_attn.o_proj.weight", "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight",
-              "w_down": "mlp.down_proj.weight", "attn_norm": "input_layernorm.weight",
-              "mlp_norm": "post_attention_layernorm.weight", "bq": "self_attn.q_proj.bias",
-              "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias"}
+_LAYER_MAP = {
+  "wq": "self_attn.q_proj.weight",
+  "wk": "self_attn.k_proj.weight",
+  "wv": "self_attn.v_proj.weight",
+  "wo": "self_attn.o_proj.weight",
+  "w_gate": "mlp.gate_proj.weight",
+  "w_up": "mlp.up_proj.weight",
+  "w_down": "mlp.down_proj.weight",
+  "attn_norm": "input_layernorm.weight",
+  "mlp_norm": "post_attention_layernorm.weight",
+  "bq": "self_attn.q_proj.bias",
+  "bk": "self_attn.k_proj.bias",
+  "bv": "self_attn.v_proj.bias",
+}
 
 
 def hf_gguf_model(path):
-  return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                           dtype=torch.float32).eval()
+  return transformers.AutoModelForCausalLM.from_pretrained(
+    path.parent, gguf_file=path.name, dtype=torch.float32
+  ).eval()
 
 
 def assert_params_equal_state_dict(cfg, params, model):
@@ -43,9 +53,10 @@ def _assert_equal(got, want, what):
 
 def hf_greedy(model, prompt, steps):
   with torch.no_grad():
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False, eos_token_id=None,
-                         pad_token_id=0)
-  return out[0, len(prompt):].tolist()
+    out = model.generate(
+      torch.tensor([prompt]), max_new_tokens=steps, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+  return out[0, len(prompt) :].tolist()
 
 
 @contextlib.contextmanager

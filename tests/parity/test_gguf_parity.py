@@ -1,4 +1,5 @@
-"""GGUF files vs transformers' GGUF loader (`from_pretrained(dir, gguf_file=...)`): params, logits, greedy tokens.
+"""GGUF files vs transformers' GGUF loader (`from_pretrained(dir, gguf_file=...)`): params, logits, greedy
+tokens.
 
 The SmolLM2 Q4_1 file is loaded by transformers once per module (~15 s on 2 cores).
 """
@@ -15,6 +16,7 @@ from tests.parity import tiny_hf
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from tests.parity.hf_gguf import assert_params_equal_state_dict, hf_gguf_model, hf_greedy  # noqa: E402
+
 pytestmark = pytest.mark.parity
 
 
@@ -32,10 +34,16 @@ def smol():
 def prompt64(smol):
   """A real chat prompt, cut to exactly 64 tokens."""
   _, _, tok, _ = smol
-  text = tok.apply_chat_template([
-      {"role": "user", "content": "Explain in detail why caching keys and values speeds up autoregressive "
-                                  "decoding in transformers, and what limits how much of the cache can be evicted "
-                                  "without hurting quality. Give two concrete examples."}])
+  text = tok.apply_chat_template(
+    [
+      {
+        "role": "user",
+        "content": "Explain in detail why caching keys and values speeds up autoregressive "
+        "decoding in transformers, and what limits how much of the cache can be evicted "
+        "without hurting quality. Give two concrete examples.",
+      }
+    ]
+  )
   ids = tok.encode(text, add_special_tokens=False)
   assert len(ids) >= 64
   return ids[-64:]
@@ -84,4 +92,5 @@ def test_tiny_q8_gguf_matches_transformers(tmp_path, variant):
   assert np.abs(got - want).max() <= 1e-4
   prompt = tokens[0, :13].tolist()
   assert list(generate(params, cfg, [prompt], max_new_tokens=16, eos_token_ids=[]).token_ids[0]) == (
-      hf_greedy(model, prompt, 16))
+    hf_greedy(model, prompt, 16)
+  )

@@ -1,6 +1,5 @@
 """Tiny HF checkpoints (save_pretrained) vs transformers: loaded params, prefill logits, greedy decoding."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -24,8 +23,12 @@ def built(tmp_path_factory):
   out = {}
   for case in CASES:
     variant, _, kind = case.partition("/")
-    d = tiny_hf.build(root / case.replace("/", "_"), variant, shard=kind == "sharded",
-                      dtype="bfloat16" if kind == "bf16" else "float32")
+    d = tiny_hf.build(
+      root / case.replace("/", "_"),
+      variant,
+      shard=kind == "sharded",
+      dtype="bfloat16" if kind == "bf16" else "float32",
+    )
     if kind == "legacy":
       tiny_hf.to_legacy_config(d)
     out[case] = (d, tiny_hf.load_reference(d))
@@ -37,15 +40,26 @@ def test_params_equal_transformers_state_dict(built, case):
   d, ref = built[case]
   cfg, params = load_hf_checkpoint(d)
   sd = {k: v.float().numpy() for k, v in ref.state_dict().items()}
-  layer_map = {"wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
-               "wo": "self_attn.o_proj.weight", "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight",
-               "w_down": "mlp.down_proj.weight", "attn_norm": "input_layernorm.weight",
-               "mlp_norm": "post_attention_layernorm.weight", "bq": "self_attn.q_proj.bias",
-               "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias"}
+  layer_map = {
+    "wq": "self_attn.q_proj.weight",
+    "wk": "self_attn.k_proj.weight",
+    "wv": "self_attn.v_proj.weight",
+    "wo": "self_attn.o_proj.weight",
+    "w_gate": "mlp.gate_proj.weight",
+    "w_up": "mlp.up_proj.weight",
+    "w_down": "mlp.down_proj.weight",
+    "attn_norm": "input_layernorm.weight",
+    "mlp_norm": "post_attention_layernorm.weight",
+    "bq": "self_attn.q_proj.bias",
+    "bk": "self_attn.k_proj.bias",
+    "bv": "self_attn.v_proj.bias",
+  }
   assert set(params["layers"]) == {k for k in layer_map if cfg.attention_bias or not k.startswith("b")}
   for key, leaf in params["layers"].items():
     want = np.stack([sd[f"model.layers.{i}.{layer_map[key]}"] for i in range(cfg.num_layers)])
-    np.testing.assert_array_equal(np.asarray(leaf), want.swapaxes(1, 2) if want.ndim == 3 else want, err_msg=key)
+    np.testing.assert_array_equal(
+      np.asarray(leaf), want.swapaxes(1, 2) if want.ndim == 3 else want, err_msg=key
+    )
   np.testing.assert_array_equal(np.asarray(params["embed"]), sd["model.embed_tokens.weight"])
   np.testing.assert_array_equal(np.asarray(params["final_norm"]), sd["model.norm.weight"])
   if cfg.tie_word_embeddings:
@@ -66,8 +80,17 @@ def test_prefill_logits_match_transformers(built, case):
   assert np.abs(got - want).max() <= 1e-4
 
 
-@pytest.mark.parametrize("case", ["llama_mha_untied", "llama_gqa_tied", "llama3_scaled", "mistral_gqa",
-                                  "qwen2_gqa_tied", "qwen2_mha_untied"])
+@pytest.mark.parametrize(
+  "case",
+  [
+    "llama_mha_untied",
+    "llama_gqa_tied",
+    "llama3_scaled",
+    "mistral_gqa",
+    "qwen2_gqa_tied",
+    "qwen2_mha_untied",
+  ],
+)
 def test_greedy_decoding_matches_transformers_generate(built, case):
   d, ref = built[case]
   cfg, params = load_hf_checkpoint(d)
@@ -75,6 +98,7 @@ def test_greedy_decoding_matches_transformers_generate(built, case):
   ours = generate(params, cfg, prompts, max_new_tokens=16, eos_token_ids=[]).token_ids
   for prompt, got in zip(prompts, ours):
     with torch.no_grad():
-      out = ref.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None,
-                         pad_token_id=0)
-    assert list(got) == out[0, len(prompt):].tolist()
+      out = ref.generate(
+        torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
+      )
+    assert list(got) == out[0, len(prompt) :].tolist()

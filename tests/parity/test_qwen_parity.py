@@ -20,8 +20,12 @@ from tests.test_tokenizer import CONVERSATION, TEXTS
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from tests.parity.hf_gguf import (assert_params_equal_state_dict, hf_gguf_model, hf_greedy,  # noqa: E402
-                                  plain_array_reader)
+from tests.parity.hf_gguf import (  # noqa: E402 -- needs torch, checked above
+  assert_params_equal_state_dict,
+  hf_gguf_model,
+  hf_greedy,
+  plain_array_reader,
+)
 
 pytestmark = [pytest.mark.parity, pytest.mark.slow]
 NAME = "qwen2.5-coder-0.5b"
@@ -68,10 +72,18 @@ def test_config_matches_transformers(ours, hf_model):
   cfg, _, _ = ours
   hf = hf_model.config
   assert (cfg.architecture, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
-      "qwen2", 24, 14, 2, 64)
+    "qwen2",
+    24,
+    14,
+    2,
+    64,
+  )
   assert cfg.attention_bias and cfg.max_position_embeddings == 32768 == hf.max_position_embeddings
-  assert (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size) == (hf.vocab_size, hf.hidden_size,
-                                                                      hf.intermediate_size)
+  assert (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size) == (
+    hf.vocab_size,
+    hf.hidden_size,
+    hf.intermediate_size,
+  )
   assert cfg.tie_word_embeddings == hf.tie_word_embeddings
   assert cfg.rope_theta == hf.rope_parameters["rope_theta"] and cfg.rms_norm_eps == hf.rms_norm_eps
 
@@ -112,8 +124,9 @@ def test_tokenizer_backend_and_ids_match_transformers(ours, hf_tok):
   assert tok.bos_token_id == hf_tok.bos_token_id and tok.eos_token_ids[0] == hf_tok.eos_token_id
 
 
-@pytest.mark.parametrize("messages", [PROMPT, CONVERSATION, [{"role": "system", "content": "Be terse."},
-                                                            *CONVERSATION[:2]]])
+@pytest.mark.parametrize(
+  "messages", [PROMPT, CONVERSATION, [{"role": "system", "content": "Be terse."}, *CONVERSATION[:2]]]
+)
 def test_chat_template_matches_transformers(ours, hf_tok, messages):
   _, _, tok = ours
   for gen in (True, False):
@@ -127,6 +140,7 @@ def test_chat_template_matches_transformers(ours, hf_tok, messages):
 @pytest.fixture
 def cli_loads(ours, monkeypatch):
   """The CLI's load_model, answered from the module's load (the name still has to reach the registry)."""
+
   def load(name, dtype="float32"):
     assert adakv_jax.checkpoints.is_registered(name) and dtype == "float32"
     assert resolve_model(name) == resolve_model(NAME)

@@ -16,31 +16,52 @@ from pathlib import Path
 import numpy as np
 
 CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+  "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+  "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Ada-KV allocates the cache budget across heads adaptively.",
-    "def forward(params, tokens):\n    return logits  # 1234567\n",
-    "Llamas, Mistrals and Qwens share one decoder layout.",
-    "Tabs\tand  spaces   and\nnewlines\n\nshould survive.",
+  "The quick brown fox jumps over the lazy dog.",
+  "Ada-KV allocates the cache budget across heads adaptively.",
+  "def forward(params, tokens):\n    return logits  # 1234567\n",
+  "Llamas, Mistrals and Qwens share one decoder layout.",
+  "Tabs\tand  spaces   and\nnewlines\n\nshould survive.",
 ]
-_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+_LLAMA3_ROPE = {
+  "rope_type": "llama3",
+  "rope_theta": 500000.0,
+  "factor": 8.0,
+  "low_freq_factor": 1.0,
+  "high_freq_factor": 4.0,
+  "original_max_position_embeddings": 16,
+}
 VARIANTS = {
-    "llama_mha_untied": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=4,
-                             tie_word_embeddings=False),
-    "llama_gqa_tied": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2,
-                           tie_word_embeddings=True),
-    "llama3_scaled": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2,
-                          tie_word_embeddings=False, rope_parameters=_LLAMA3_ROPE),
-    "mistral_gqa": dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=1,
-                        tie_word_embeddings=False, sliding_window=None),
-    "qwen2_gqa_tied": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2,
-                           tie_word_embeddings=True),
-    "qwen2_mha_untied": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=4,
-                             tie_word_embeddings=False),
+  "llama_mha_untied": dict(
+    model_type="llama", num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False
+  ),
+  "llama_gqa_tied": dict(
+    model_type="llama", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True
+  ),
+  "llama3_scaled": dict(
+    model_type="llama",
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+    rope_parameters=_LLAMA3_ROPE,
+  ),
+  "mistral_gqa": dict(
+    model_type="mistral",
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    tie_word_embeddings=False,
+    sliding_window=None,
+  ),
+  "qwen2_gqa_tied": dict(
+    model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True
+  ),
+  "qwen2_mha_untied": dict(
+    model_type="qwen2", num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False
+  ),
 }
 ARCH_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -53,32 +74,57 @@ def build_tokenizer(vocab_size: int = 320):
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   tok.post_processor = processors.ByteLevel(trim_offsets=False)
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=False,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  trainer = trainers.BpeTrainer(
+    vocab_size=vocab_size,
+    special_tokens=list(SPECIALS),
+    show_progress=False,
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
   tok.train_from_iterator(CORPUS * 4, trainer=trainer)
   return tok
 
 
 def write_tokenizer(path: Path, tok) -> None:
   tok.save(str(path / "tokenizer.json"))
-  (path / "tokenizer_config.json").write_text(json.dumps({
-      "tokenizer_class": "PreTrainedTokenizerFast",
-      "bos_token": "<|im_start|>",
-      "eos_token": {"content": "<|im_end|>", "special": True},
-      "unk_token": "<|endoftext|>",
-      "chat_template": CHATML,
-      "model_max_length": 512,
-  }))
+  (path / "tokenizer_config.json").write_text(
+    json.dumps(
+      {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|im_start|>",
+        "eos_token": {"content": "<|im_end|>", "special": True},
+        "unk_token": "<|endoftext|>",
+        "chat_template": CHATML,
+        "model_max_length": 512,
+      }
+    )
+  )
 
 
-def config_dict(variant: str, vocab_size: int, *, hidden_size: int = 48, intermediate_size: int = 80,
-                head_dim: int = 12, num_layers: int = 3) -> dict:
+def config_dict(
+  variant: str,
+  vocab_size: int,
+  *,
+  hidden_size: int = 48,
+  intermediate_size: int = 80,
+  head_dim: int = 12,
+  num_layers: int = 3,
+) -> dict:
   """A transformers 5.x-layout config.json for `variant`."""
   kw = dict(VARIANTS[variant])
-  cfg = dict(architectures=[ARCH_CLASS[kw["model_type"]]], vocab_size=vocab_size, hidden_size=hidden_size,
-             intermediate_size=intermediate_size, num_hidden_layers=num_layers, head_dim=head_dim,
-             max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, hidden_act="silu",
-             rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+  cfg = dict(
+    architectures=[ARCH_CLASS[kw["model_type"]]],
+    vocab_size=vocab_size,
+    hidden_size=hidden_size,
+    intermediate_size=intermediate_size,
+    num_hidden_layers=num_layers,
+    head_dim=head_dim,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    hidden_act="silu",
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+  )
   cfg.update(kw)
   return cfg
 
@@ -89,19 +135,32 @@ def random_state_dict(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
   d, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
   hq = cfg["num_attention_heads"] * cfg["head_dim"]
   hk = cfg["num_key_value_heads"] * cfg["head_dim"]
-  w = lambda *s: (0.08 * rs.standard_normal(s)).astype(np.float32)  # noqa: E731
-  norm = lambda n: (1.0 + 0.1 * rs.standard_normal(n)).astype(np.float32)  # noqa: E731
+  w = lambda *s: (0.08 * rs.standard_normal(s)).astype(np.float32)
+  norm = lambda n: (1.0 + 0.1 * rs.standard_normal(n)).astype(np.float32)
   sd = {"model.embed_tokens.weight": w(v, d)}
   for i in range(cfg["num_hidden_layers"]):
     p = f"model.layers.{i}."
-    sd.update({p + "input_layernorm.weight": norm(d), p + "self_attn.q_proj.weight": w(hq, d),
-               p + "self_attn.k_proj.weight": w(hk, d), p + "self_attn.v_proj.weight": w(hk, d),
-               p + "self_attn.o_proj.weight": w(d, hq), p + "post_attention_layernorm.weight": norm(d),
-               p + "mlp.gate_proj.weight": w(f, d), p + "mlp.up_proj.weight": w(f, d),
-               p + "mlp.down_proj.weight": w(d, f)})
+    sd.update(
+      {
+        p + "input_layernorm.weight": norm(d),
+        p + "self_attn.q_proj.weight": w(hq, d),
+        p + "self_attn.k_proj.weight": w(hk, d),
+        p + "self_attn.v_proj.weight": w(hk, d),
+        p + "self_attn.o_proj.weight": w(d, hq),
+        p + "post_attention_layernorm.weight": norm(d),
+        p + "mlp.gate_proj.weight": w(f, d),
+        p + "mlp.up_proj.weight": w(f, d),
+        p + "mlp.down_proj.weight": w(d, f),
+      }
+    )
     if cfg["model_type"] == "qwen2":
-      sd.update({p + "self_attn.q_proj.bias": w(hq) + 0.1, p + "self_attn.k_proj.bias": w(hk) + 0.1,
-                 p + "self_attn.v_proj.bias": w(hk) + 0.1})
+      sd.update(
+        {
+          p + "self_attn.q_proj.bias": w(hq) + 0.1,
+          p + "self_attn.k_proj.bias": w(hk) + 0.1,
+          p + "self_attn.v_proj.bias": w(hk) + 0.1,
+        }
+      )
   sd["model.norm.weight"] = norm(d)
   if not cfg["tie_word_embeddings"]:
     sd["lm_head.weight"] = w(v, d)
@@ -131,8 +190,9 @@ def write_safetensors(path: Path, sd: dict[str, np.ndarray], shard_bytes: int | 
   (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def build_numpy(path, variant: str = "llama_gqa_tied", *, shard: bool = False, seed: int = 0,
-                **sizes) -> Path:
+def build_numpy(
+  path, variant: str = "llama_gqa_tied", *, shard: bool = False, seed: int = 0, **sizes
+) -> Path:
   """A tiny checkpoint dir written without torch/transformers (config.json, safetensors, tokenizer)."""
   path = Path(path)
   path.mkdir(parents=True, exist_ok=True)
@@ -144,8 +204,15 @@ def build_numpy(path, variant: str = "llama_gqa_tied", *, shard: bool = False, s
   return path
 
 
-def build(path, variant: str = "llama_gqa_tied", *, shard: bool = False, dtype: str = "float32",
-          seed: int = 0, **sizes) -> Path:
+def build(
+  path,
+  variant: str = "llama_gqa_tied",
+  *,
+  shard: bool = False,
+  dtype: str = "float32",
+  seed: int = 0,
+  **sizes,
+) -> Path:
   """A tiny checkpoint dir written by transformers' save_pretrained (safetensors; sharded if `shard`)."""
   import torch
   import transformers
@@ -202,10 +269,17 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
 
 # --- GGUF ------------------------------------------------------------------------------------------
 
-_GGUF_BLOCK = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-               "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-               "mlp.down_proj": "ffn_down"}
+_GGUF_BLOCK = {
+  "input_layernorm": "attn_norm",
+  "self_attn.q_proj": "attn_q",
+  "self_attn.k_proj": "attn_k",
+  "self_attn.v_proj": "attn_v",
+  "self_attn.o_proj": "attn_output",
+  "post_attention_layernorm": "ffn_norm",
+  "mlp.gate_proj": "ffn_gate",
+  "mlp.up_proj": "ffn_up",
+  "mlp.down_proj": "ffn_down",
+}
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -224,8 +298,16 @@ def gguf_name(hf: str) -> str:
   return f"blk.{parts[2]}.{_GGUF_BLOCK['.'.join(parts[3:-1])]}.{parts[-1]}"
 
 
-def build_gguf(path, hf_dir, *, qtype: str = "Q8_0", pre: str = "llama-bpe", add_bos: bool = True,
-               user_defined: tuple[str, ...] = ("<think>",), name: str = "tiny") -> Path:
+def build_gguf(
+  path,
+  hf_dir,
+  *,
+  qtype: str = "Q8_0",
+  pre: str = "llama-bpe",
+  add_bos: bool = True,
+  user_defined: tuple[str, ...] = ("<think>",),
+  name: str = "tiny",
+) -> Path:
   """Converts a tiny HF checkpoint dir (Llama/Mistral/Qwen2) to GGUF as llama.cpp's converter would.
 
   `qtype` applies to 2-D weights (norms stay F32). Tokenizer metadata: tokens/merges/token types, `pre`,
@@ -244,7 +326,9 @@ def build_gguf(path, hf_dir, *, qtype: str = "Q8_0", pre: str = "llama-bpe", add
   tokens += list(user_defined)
   merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
   if user_defined:
-    extra = np.random.RandomState(1).normal(0, 0.08, (len(user_defined), cfg["hidden_size"])).astype(np.float32)
+    extra = (
+      np.random.RandomState(1).normal(0, 0.08, (len(user_defined), cfg["hidden_size"])).astype(np.float32)
+    )
     sd["model.embed_tokens.weight"] = np.concatenate([sd["model.embed_tokens.weight"], extra])
     if "lm_head.weight" in sd:
       sd["lm_head.weight"] = np.concatenate([sd["lm_head.weight"], extra[::-1]])

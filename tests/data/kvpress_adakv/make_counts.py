@@ -59,10 +59,21 @@ WEIGHT_STD = 0.15
 
 def build_model() -> LlamaForCausalLM:
   heads = len(Q_SCALES[0])
-  cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=len(Q_SCALES),
-                    num_attention_heads=heads, num_key_value_heads=heads, head_dim=16,
-                    max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                    bos_token_id=1, eos_token_id=2, attn_implementation="sdpa")
+  cfg = LlamaConfig(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=len(Q_SCALES),
+    num_attention_heads=heads,
+    num_key_value_heads=heads,
+    head_dim=16,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    attn_implementation="sdpa",
+  )
   torch.manual_seed(SEED)
   model = LlamaForCausalLM(cfg).eval()
   gen = torch.Generator().manual_seed(SEED)
@@ -74,7 +85,7 @@ def build_model() -> LlamaForCausalLM:
     for layer, scales in zip(model.model.layers, Q_SCALES):
       w = layer.self_attn.q_proj.weight  # [heads * head_dim, hidden]
       for h, s in enumerate(scales):
-        w[h * cfg.head_dim:(h + 1) * cfg.head_dim] *= s
+        w[h * cfg.head_dim : (h + 1) * cfg.head_dim] *= s
   return model
 
 
@@ -107,13 +118,17 @@ def kvpress_counts(model, ids: torch.Tensor, ratio: float):
 def margins(scores_HL: torch.Tensor, n_kept: int) -> dict:
   """The floor-free global cut over the prefix: its score gap and the per-head counts (window incl.)."""
   h, n = scores_HL.shape
-  prefix = scores_HL[:, :n - WINDOW].double()
+  prefix = scores_HL[:, : n - WINDOW].double()
   total = h * (n_kept - WINDOW)
   order = torch.sort(prefix.reshape(-1), descending=True).values
   kept_min, evicted_max = order[total - 1].item(), order[total].item()
   free = (prefix >= kept_min).sum(-1) + WINDOW
-  return {"kept_min_score": kept_min, "evicted_max_score": evicted_max,
-          "relative_gap_at_cut": (kept_min - evicted_max) / kept_min, "floor_free_counts": free.tolist()}
+  return {
+    "kept_min_score": kept_min,
+    "evicted_max_score": evicted_max,
+    "relative_gap_at_cut": (kept_min - evicted_max) / kept_min,
+    "floor_free_counts": free.tolist(),
+  }
 
 
 def main():
@@ -133,21 +148,39 @@ def main():
       # The comparison is about the allocation, not the floors, which differ (see the docstring).
       assert c == m["floor_free_counts"], f"ratio {ratio} layer {li}: kvpress's safeguard binds"
       assert min(c) - WINDOW >= project_floor, f"ratio {ratio} layer {li}: the project's floor would bind"
-      print(f"ratio {ratio} layer {li}: counts {c} (mean {n_kept}), relative gap at the cut "
-            f"{m['relative_gap_at_cut']:.3g}")
-    runs.append({"compression_ratio": ratio, "n_kept_per_head": n_kept, "kvpress_prefix_floor": kvpress_floor,
-                 "project_prefix_floor": project_floor, "counts": counts, "layers": layers})
+      print(
+        f"ratio {ratio} layer {li}: counts {c} (mean {n_kept}), relative gap at the cut "
+        f"{m['relative_gap_at_cut']:.3g}"
+      )
+    runs.append(
+      {
+        "compression_ratio": ratio,
+        "n_kept_per_head": n_kept,
+        "kvpress_prefix_floor": kvpress_floor,
+        "project_prefix_floor": project_floor,
+        "counts": counts,
+        "layers": layers,
+      }
+    )
 
   out = {
-      "versions": {"kvpress": version("kvpress"), "transformers": transformers.__version__,
-                   "torch": torch.__version__},
-      "press": f"AdaKVPress(SnapKVPress(window_size={WINDOW}, kernel_size={KERNEL}), "
-               f"alpha_safeguard={ALPHA})",
-      "settings": {"window": WINDOW, "kernel": KERNEL, "pooling": "avg (zero padding counted)",
-                   "alpha_safeguard": ALPHA, "q_scales": Q_SCALES, "seed": SEED,
-                   "prompt_seed": PROMPT_SEED},
-      "prompt_ids": ids[0].tolist(),
-      "runs": runs,
+    "versions": {
+      "kvpress": version("kvpress"),
+      "transformers": transformers.__version__,
+      "torch": torch.__version__,
+    },
+    "press": f"AdaKVPress(SnapKVPress(window_size={WINDOW}, kernel_size={KERNEL}), alpha_safeguard={ALPHA})",
+    "settings": {
+      "window": WINDOW,
+      "kernel": KERNEL,
+      "pooling": "avg (zero padding counted)",
+      "alpha_safeguard": ALPHA,
+      "q_scales": Q_SCALES,
+      "seed": SEED,
+      "prompt_seed": PROMPT_SEED,
+    },
+    "prompt_ids": ids[0].tolist(),
+    "runs": runs,
   }
   (HERE / "counts.json").write_text(_dumps(out) + "\n")
 
