@@ -1,6 +1,11 @@
-"""Repository contracts: CI runs exactly the README's test command."""
+"""Repository contracts: CI runs exactly the README's test command, the tree is lint-clean and formatted,
+and nothing outside the library reaches its private names."""
 
+import shutil
+import subprocess
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,6 +27,14 @@ def test_constraints_pin_the_lower_bounds_of_the_core_packages():
   deps = (ROOT / "pyproject.toml").read_text()
   for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint"):
     assert f'"{pkg}>={pins[pkg]}"' in deps, pkg
+
+
+@pytest.mark.parametrize("args", [["check", "."], ["format", "--check", "."]], ids=["lint", "format"])
+def test_the_tree_passes_the_configured_linter_and_formatter(args):
+  if shutil.which("ruff") is None:
+    pytest.skip("ruff is in the test extra; not installed here")
+  run = subprocess.run(["ruff", *args], cwd=ROOT, capture_output=True, text=True)
+  assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
 
 
 # ---- the library's boundary: public names only, experiments as a package -----------------------------
