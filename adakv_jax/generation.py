@@ -220,6 +220,19 @@ class GenerationResult:
     """Allocated K/V bytes over what the run needs: kept entries plus the reserved decode room."""
     return self.cache_bytes / max(self.kept_bytes + self.decode_room_bytes, 1)
 
+  def memory(self) -> dict:
+    """The cache's memory figures as one JSON-ready record (the CLI's --json and the experiments)."""
+    return {
+      "cache_bytes": self.cache_bytes,
+      "kept_bytes": self.kept_bytes,
+      "decode_room_bytes": self.decode_room_bytes,
+      "full_cache_bytes": self.full_cache_bytes,
+      "padding_overhead": round(self.padding_overhead, 4),
+      "page_size": self.page_size,
+      "pages_used": self.pages_used,
+      "pages_allocated": self.pages_allocated,
+    }
+
 
 def pad_rows(rows: Sequence[Sequence[int]], width: int | None = None) -> np.ndarray:
   """Right-padded int32 token rows [len(rows), width] (width: the longest row by default); the padding

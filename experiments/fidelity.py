@@ -29,19 +29,10 @@ from tqdm import tqdm
 
 from adakv_jax import model as model_lib
 from adakv_jax.generation import pad_rows
+from adakv_jax.press import PRESETS
 from experiments import common
 
-PRESSES = (
-  "snapkv",
-  "ada-snapkv",
-  "pyramidkv",
-  "ada-pyramidkv",
-  "h2o",
-  "ada-h2o",
-  "streamingllm",
-  "knorm",
-  "random",
-)
+PRESSES = tuple(name for name in PRESETS if name != "full")
 # open questions, so that the reference answer rarely ends (EOS) before M tokens
 QUESTIONS = (
   "Explain in detail what the text above says.",

@@ -24,19 +24,10 @@ import tempfile
 import numpy as np
 from tqdm import tqdm
 
+from adakv_jax.press import PRESETS
 from experiments import common
 
-PRESSES = (
-  "snapkv",
-  "ada-snapkv",
-  "pyramidkv",
-  "ada-pyramidkv",
-  "h2o",
-  "ada-h2o",
-  "streamingllm",
-  "knorm",
-  "random",
-)
+PRESSES = tuple(name for name in PRESETS if name != "full")
 QUESTION = "Summarise the text above in one sentence."
 
 

@@ -31,6 +31,7 @@ def _run_json(capsys, *args):
   return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.slow
 @needs_model
 def test_answers_a_simple_factual_question(capsys):
   out = _run_json(capsys, "--prompt", "What is the capital of France?", "--max-new-tokens", "12")
@@ -40,6 +41,7 @@ def test_answers_a_simple_factual_question(capsys):
   assert out["cache_bytes"] >= out["full_cache_bytes"]  # full cache: nothing saved
 
 
+@pytest.mark.slow
 @needs_model
 @pytest.mark.parametrize("press", ["ada-snapkv", "ada-pyramidkv"])
 def test_compressed_run_reports_exact_budgets_and_saves_memory(capsys, press):
@@ -64,6 +66,7 @@ def test_compressed_run_reports_exact_budgets_and_saves_memory(capsys, press):
   assert 0 < min(out["retained_mass"]) <= max(out["retained_mass"]) <= 1.0 + 1e-5
 
 
+@pytest.mark.slow
 @needs_model
 def test_question_agnostic_answers_each_question(capsys):
   out = _run_json(
@@ -85,6 +88,7 @@ def test_question_agnostic_answers_each_question(capsys):
   assert out["answers"][0]["token_ids"] != out["answers"][1]["token_ids"]
 
 
+@pytest.mark.slow
 @needs_model
 def test_page_granularity_keeps_whole_pages_and_allocates_what_it_keeps(capsys):
   out = _run_json(
@@ -164,6 +168,7 @@ def test_empty_prompt_is_refused(capsys):
   assert main(["generate", "--model", "smollm2-135m", "--prompt", "   "]) != 0
 
 
+@pytest.mark.slow
 @needs_model
 def test_converted_checkpoint_reloads_with_the_same_output(capsys, tmp_path):
   ref = _run_json(capsys, "--prompt", "Name a primary colour.", "--max-new-tokens", "6")

@@ -8,29 +8,19 @@ import pytest
 from adakv_jax import generation as gen
 from adakv_jax import model as model_lib
 from adakv_jax.cache import plan_cache
-from adakv_jax.press import make_press
+from adakv_jax.press import PRESETS, make_press
 from adakv_jax.testing import keep_mask, masked_decode_reference, random_prompts, tiny_model
 
-ALL_PRESSES = (
-  "snapkv",
-  "ada-snapkv",
-  "pyramidkv",
-  "ada-pyramidkv",
-  "h2o",
-  "ada-h2o",
-  "streamingllm",
-  "knorm",
-  "random",
-)
+ALL_PRESSES = tuple(name for name in PRESETS if name != "full")
 
 
 @pytest.mark.parametrize(
   "name,extra",
   [
     ("ada-snapkv", {}),
-    ("pyramidkv", {}),
-    ("ada-h2o", {}),
     ("ada-snapkv", dict(granularity="page", budget=8 + 16)),
+    pytest.param("pyramidkv", {}, marks=pytest.mark.slow),
+    pytest.param("ada-h2o", {}, marks=pytest.mark.slow),
   ],
 )
 def test_compressed_decode_equals_masked_dense_attention(name, extra):
@@ -56,7 +46,13 @@ def test_compressed_decode_equals_masked_dense_attention(name, extra):
     np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ALL_PRESSES)
+@pytest.mark.parametrize(
+  "name",
+  [
+    p if p in ("ada-snapkv", "ada-pyramidkv", "random") else pytest.param(p, marks=pytest.mark.slow)
+    for p in ALL_PRESSES
+  ],
+)
 def test_budget_at_least_the_prompt_reproduces_the_full_cache(name):
   cfg, params = tiny_model()
   prompts = random_prompts([30, 18])
@@ -74,11 +70,11 @@ def test_budget_at_least_the_prompt_reproduces_the_full_cache(name):
 @pytest.mark.parametrize(
   "name,extra",
   [
-    ("ada-snapkv", {}),
-    ("ada-pyramidkv", {}),
-    ("streamingllm", {}),
     ("ada-snapkv", dict(granularity="page", budget=4 + 16)),
-    ("ada-snapkv", dict(gqa="query")),
+    pytest.param("ada-snapkv", {}, marks=pytest.mark.slow),
+    pytest.param("ada-pyramidkv", {}, marks=pytest.mark.slow),
+    pytest.param("streamingllm", {}, marks=pytest.mark.slow),
+    pytest.param("ada-snapkv", dict(gqa="query"), marks=pytest.mark.slow),
   ],
 )
 def test_batch_equals_single_runs(name, extra):

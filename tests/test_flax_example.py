@@ -37,7 +37,11 @@ def _decoder_with(cfg, params):
   return model
 
 
-@pytest.mark.parametrize("press", [make_press("ada-snapkv", budget=20, window=4), None], ids=["ada", "full"])
+@pytest.mark.parametrize(
+  "press",
+  [make_press("ada-snapkv", budget=20, window=4), pytest.param(None, marks=pytest.mark.slow)],
+  ids=["ada", "full"],
+)
 def test_the_example_decoder_decodes_the_library_models_tokens_from_the_same_compressed_cache(press):
   cfg = tiny_config()
   params = init_params(cfg, jax.random.PRNGKey(0), scale=0.3)  # far from uniform: tokens depend on the cache

@@ -107,7 +107,7 @@ def test_bfloat16_tracks_float32():
   assert float(jnp.max(jnp.abs(p32 - q16))) < 5e-2
 
 
-@pytest.mark.parametrize("press_name", [None, "ada-snapkv", "ada-h2o"])
+@pytest.mark.parametrize("press_name", [None, "ada-snapkv", pytest.param("ada-h2o", marks=pytest.mark.slow)])
 def test_one_capture_compresses_exactly_as_prefill_does(press_name):
   from adakv_jax.press import make_press
 

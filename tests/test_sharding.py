@@ -11,7 +11,7 @@ from adakv_jax.testing import random_prompts, tiny_model
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
 
-@pytest.mark.parametrize("backend", ["xla", "pallas"])
+@pytest.mark.parametrize("backend", ["xla", pytest.param("pallas", marks=pytest.mark.slow)])
 def test_sharded_generation_matches_single_device(backend):
   cfg, params = tiny_model(num_kv_heads=2, num_heads=4)
   prompts = random_prompts([21, 9, 14, 30])
@@ -34,9 +34,9 @@ def test_mesh_that_does_not_divide_is_refused():
   "extra",
   [
     dict(),
-    dict(granularity="page", budget=4 + 16),
-    dict(gqa="query"),
-    dict(compression_ratio=0.5, budget=None),
+    pytest.param(dict(granularity="page", budget=4 + 16), marks=pytest.mark.slow),
+    pytest.param(dict(gqa="query"), marks=pytest.mark.slow),
+    pytest.param(dict(compression_ratio=0.5, budget=None), marks=pytest.mark.slow),
   ],
 )
 def test_a_compressed_mesh_run_equals_one_device_configured_with_the_same_head_groups(extra):
