@@ -9,21 +9,7 @@ import torch
 import transformers
 
 from adakv_jax.checkpoints.gguf import _reader_class
-
-_LAYER_MAP = {
-  "wq": "self_attn.q_proj.weight",
-  "wk": "self_attn.k_proj.weight",
-  "wv": "self_attn.v_proj.weight",
-  "wo": "self_attn.o_proj.weight",
-  "w_gate": "mlp.gate_proj.weight",
-  "w_up": "mlp.up_proj.weight",
-  "w_down": "mlp.down_proj.weight",
-  "attn_norm": "input_layernorm.weight",
-  "mlp_norm": "post_attention_layernorm.weight",
-  "bq": "self_attn.q_proj.bias",
-  "bk": "self_attn.k_proj.bias",
-  "bv": "self_attn.v_proj.bias",
-}
+from tests.parity import tiny_hf
 
 
 def hf_gguf_model(path):
@@ -37,7 +23,7 @@ def assert_params_equal_state_dict(cfg, params, model):
   for key, leaf in params["layers"].items():
     stacked = np.asarray(leaf)
     for i in range(cfg.num_layers):
-      want = sd[f"model.layers.{i}.{_LAYER_MAP[key]}"]
+      want = sd[f"model.layers.{i}.{tiny_hf.HF_LAYER_NAMES[key]}"]
       _assert_equal(stacked[i], want.T if want.ndim == 2 else want, f"{key}[{i}]")
   _assert_equal(np.asarray(params["embed"]), sd["model.embed_tokens.weight"], "embed")
   _assert_equal(np.asarray(params["final_norm"]), sd["model.norm.weight"], "final_norm")

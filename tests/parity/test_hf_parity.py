@@ -40,20 +40,7 @@ def test_params_equal_transformers_state_dict(built, case):
   d, ref = built[case]
   cfg, params = load_hf_checkpoint(d)
   sd = {k: v.float().numpy() for k, v in ref.state_dict().items()}
-  layer_map = {
-    "wq": "self_attn.q_proj.weight",
-    "wk": "self_attn.k_proj.weight",
-    "wv": "self_attn.v_proj.weight",
-    "wo": "self_attn.o_proj.weight",
-    "w_gate": "mlp.gate_proj.weight",
-    "w_up": "mlp.up_proj.weight",
-    "w_down": "mlp.down_proj.weight",
-    "attn_norm": "input_layernorm.weight",
-    "mlp_norm": "post_attention_layernorm.weight",
-    "bq": "self_attn.q_proj.bias",
-    "bk": "self_attn.k_proj.bias",
-    "bv": "self_attn.v_proj.bias",
-  }
+  layer_map = tiny_hf.HF_LAYER_NAMES
   assert set(params["layers"]) == {k for k in layer_map if cfg.attention_bias or not k.startswith("b")}
   for key, leaf in params["layers"].items():
     want = np.stack([sd[f"model.layers.{i}.{layer_map[key]}"] for i in range(cfg.num_layers)])

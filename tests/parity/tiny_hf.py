@@ -35,6 +35,22 @@ _LLAMA3_ROPE = {
   "high_freq_factor": 4.0,
   "original_max_position_embeddings": 16,
 }
+# Our per-layer parameter names -> transformers' (written out here, apart from the library's own table).
+HF_LAYER_NAMES = {
+  "wq": "self_attn.q_proj.weight",
+  "wk": "self_attn.k_proj.weight",
+  "wv": "self_attn.v_proj.weight",
+  "wo": "self_attn.o_proj.weight",
+  "w_gate": "mlp.gate_proj.weight",
+  "w_up": "mlp.up_proj.weight",
+  "w_down": "mlp.down_proj.weight",
+  "attn_norm": "input_layernorm.weight",
+  "mlp_norm": "post_attention_layernorm.weight",
+  "bq": "self_attn.q_proj.bias",
+  "bk": "self_attn.k_proj.bias",
+  "bv": "self_attn.v_proj.bias",
+}
+
 VARIANTS = {
   "llama_mha_untied": dict(
     model_type="llama", num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False
