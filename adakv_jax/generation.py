@@ -461,8 +461,7 @@ def _generate(
   logits, cache, info, prefill_s, compile_s = _prefill(
     params, cfg, prompts, press=press, room=room, key=pkey, page_size=page_size, mesh=mesh, trim=trim
   )
-  kept_bytes = int(np.sum(info["budgets"])) * cache.entry_bytes
-  pages_used = cache.pages_used()
+  kept_bytes, pages_used = cache.kept_bytes(), cache.pages_used()
   stats = {"decode_s": 0.0, "tokens": 0, "compile_s": 0.0}
   run = functools.partial(
     _decode,

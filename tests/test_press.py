@@ -15,19 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adakv_jax.config import ModelConfig
 from adakv_jax.press import PRESETS, Press, make_press, schedules, select
 from adakv_jax.press.press import SCORER_NAMES
+from adakv_jax.testing import tiny_config
 
-CFG = ModelConfig(
-  architecture="llama",
-  vocab_size=16,
-  hidden_size=32,
-  intermediate_size=64,
-  num_layers=4,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=8,
+CFG = tiny_config(
+  vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=4, head_dim=8, max_position_embeddings=4096
 )
 W = 4
 BUDGET = 12  # B' = 8 per head

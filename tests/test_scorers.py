@@ -5,18 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adakv_jax.config import ModelConfig
 from adakv_jax.press import Press, scorers
+from adakv_jax.testing import tiny_config
 
-CFG = ModelConfig(
-  architecture="llama",
-  vocab_size=16,
-  hidden_size=32,
-  intermediate_size=64,
-  num_layers=2,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=8,
+CFG = tiny_config(
+  vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=2, head_dim=8, max_position_embeddings=4096
 )
 W = 3
 

@@ -31,6 +31,7 @@ from adakv_jax.checkpoints.orbax_io import (
   _some,
   check_target,
   config_to_dict,
+  read_format_json,
   restore_tree,
   write_and_swap,
   write_marker,
@@ -154,14 +155,7 @@ def read_context_marker(path: str | os.PathLike) -> dict:
       f"{str(path)!r} is not a saved adakv-jax context: it {what} (a save writes it "
       "last, so an interrupted save is never complete)"
     )
-  try:
-    meta = json.loads((path / CONTEXT_MARKER).read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise CheckpointError(f"{path / CONTEXT_MARKER} is not valid JSON: {e}") from None
-  if not isinstance(meta, dict) or meta.get("format") != CONTEXT_FORMAT:
-    found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-    raise CheckpointError(f"{path / CONTEXT_MARKER} has format {found!r}, expected {CONTEXT_FORMAT!r}")
-  return meta
+  return read_format_json(path / CONTEXT_MARKER, CONTEXT_FORMAT)
 
 
 def _damaged(path: Path, what: str) -> CheckpointError:

@@ -209,16 +209,22 @@ def load_converted(path: str | os.PathLike):
   return cfg, params, tok
 
 
+def read_format_json(file: Path, fmt: str) -> dict:
+  """The JSON object a save's marker file holds, refused unless it declares format FMT."""
+  try:
+    meta = json.loads(file.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+  if not isinstance(meta, dict) or meta.get("format") != fmt:
+    found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+    raise CheckpointError(f"{file} has format {found!r}, expected {fmt!r}")
+  return meta
+
+
 def _read_marker(path: Path) -> dict:
   if not is_converted_dir(path):
     raise CheckpointError(f"{str(path)!r} is not a converted adakv-jax model (no {MARKER})")
-  try:
-    meta = json.loads((path / MARKER).read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise CheckpointError(f"{path / MARKER} is not valid JSON: {e}") from None
-  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-    found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-    raise CheckpointError(f"{path / MARKER} has format {found!r}, expected {FORMAT!r}")
+  meta = read_format_json(path / MARKER, FORMAT)
   if not isinstance(meta.get("config"), dict):
     raise CheckpointError(f"{path / MARKER} has no model config")
   return meta
