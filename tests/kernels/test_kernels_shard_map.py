@@ -4,6 +4,10 @@ Paged attention shards either the batch or the KV heads, and the page pool along
 its own slice of the pool, and its slice of the page table names pages of that slice by local id, so
 the kernel runs on each device as it would alone, with no communication. The top-k selection shards
 the batch (it couples the heads of a sequence, so heads must stay together).
+
+The mesh leaves CPU device 0 out: JAX's TPU interpreter runs its callbacks' array operations on that
+device while every mesh device waits at the interpreter's cross-device barrier, so a mesh that includes
+device 0 can deadlock (seen with jax 0.10.2, intermittently).
 """
 
 import functools
@@ -20,14 +24,16 @@ from pallas_kernels.paged_attention import paged_attention, paged_attention_refe
 from tests.kernels.gating import default_lowering
 from tests.kernels.paged_cases import paged_case
 
-SHARDS = 8
+SHARDS = 4
 pytestmark = pytest.mark.skipif(
-  jax.device_count() < SHARDS, reason="needs 8 devices: XLA_FLAGS was set before tests/conftest.py"
+  jax.device_count() < SHARDS + 1, reason="needs 5 devices: XLA_FLAGS was set before tests/conftest.py"
 )
 
 
 def _mesh():
-  return jax.make_mesh((SHARDS,), ("data",), axis_types=(AxisType.Explicit,))
+  return jax.make_mesh(
+    (SHARDS,), ("data",), axis_types=(AxisType.Explicit,), devices=jax.devices()[1 : SHARDS + 1]
+  )
 
 
 def _sharded_paged_case(axis, g=2, t=1, d=64, page=8, max_pages=4):
