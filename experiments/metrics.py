@@ -20,6 +20,7 @@ case-insensitive substring) for niah/vt/cwe/fwe, `string_match_part` (any of the
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import string
 from collections import Counter
@@ -259,3 +260,19 @@ def ruler_score(predictions: list[str], references: list[list[str]], part: bool 
   match = string_match_part if part else string_match_all
   total = sum(match(ruler_postprocess(p), r) for p, r in zip(predictions, references))
   return round(100 * total / len(predictions), 2)
+
+
+# ---- paired significance ---------------------------------------------------------------------------
+
+
+def mcnemar(a: list[bool], b: list[bool]) -> dict:
+  """McNemar's exact test for two methods scored on the same trials: only the discordant trials (one
+  right, the other wrong) carry information, and under "no difference" each falls either way with
+  probability 1/2, so the two-sided p-value is the binomial tail of the rarer side, doubled."""
+  if len(a) != len(b):
+    raise ValueError(f"paired results need equal lengths, got {len(a)} and {len(b)}")
+  a_only = sum(1 for x, y in zip(a, b) if x and not y)
+  b_only = sum(1 for x, y in zip(a, b) if y and not x)
+  n = a_only + b_only
+  tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1)) / 2**n
+  return {"a_only": a_only, "b_only": b_only, "p_value": min(1.0, 2 * tail)}

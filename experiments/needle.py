@@ -1,13 +1,18 @@
-"""Pass-key retrieval: a 5-digit key hidden at depths 10/50/90% of ~1K tokens of filler, asked at the end.
+"""Pass-key retrieval: a 5-digit key hidden at depths 10/50/90% of filler, asked at the end, over prompt
+lengths (a context x depth heatmap per press), token- and page-granular selection side by side.
 
 Question-aware (the question closes the prompt), chat template, greedy 12 tokens (the model answers
 "The pass key is NNNNN", 10 tokens, so 8 would cut the key off); a trial succeeds when
 the key's digits appear in the answer. ADAKV_SPEC 7 warns that on a 135M model this is a cliff, not a
 gradient, so beside accuracy each configuration records how many (layer, KV-head) pairs kept every digit
 token of the key (of both mentions, and of at least one mention) -- the mechanism behind a lost key --
-and the memory each cache allocates. One capture of all trials serves every press.
+and the memory each cache allocates. One capture per prompt length serves every press; every adaptive
+press is compared with its uniform press on the same trials (McNemar's exact test, pooled over depths and
+lengths), and page granularity with token granularity.
 
-    python -m experiments.needle           # ~1.5-3 min on 2 shared CPU cores
+    python -m experiments.needle                                   # SmolLM2, 1K tokens, ~3 min
+    python -m experiments.needle --contexts 1024 2048 4096 8192    # the heatmap
+    python -m experiments.needle --model qwen2.5-coder-0.5b --contexts 1024 2048 4096
     python -m experiments.needle --quick
 """
 
@@ -19,9 +24,13 @@ import random
 import numpy as np
 from tqdm import tqdm
 
+from adakv_jax.cache import DEFAULT_PAGE_SIZE
+from adakv_jax.press import make_press
 from experiments import common
+from experiments.metrics import mcnemar
 
 PRESSES = ("full", "snapkv", "ada-snapkv", "pyramidkv", "ada-pyramidkv")
+UNIFORM_OF = {"ada-snapkv": "snapkv", "ada-pyramidkv": "pyramidkv"}
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "What is the pass key? Answer with the 5-digit number only."
 
@@ -30,18 +39,33 @@ def parse_args():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="tiny smoke run")
   p.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON")
-  p.add_argument("--filler-tokens", type=int, default=930, help="filler tokens (the prompt fits 1024)")
+  p.add_argument("--model", default=common.MODEL)
+  p.add_argument("--contexts", type=int, nargs="+", default=[1024], help="prompt lengths in tokens")
   p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
-  p.add_argument("--keys", type=int, default=5, help="pass keys per depth")
+  p.add_argument("--keys", type=int, default=5, help="pass keys per depth (the same keys at every length)")
   p.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256])
   p.add_argument("--presses", nargs="+", default=list(PRESSES))
+  p.add_argument("--granularities", nargs="+", choices=("token", "page"), default=["token", "page"])
+  p.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE, help="entries per cache page")
   p.add_argument("--new-tokens", type=int, default=12, help='the answer "The pass key is NNNNN" takes 10')
   p.add_argument("--seed", type=int, default=0)
-  common.add_press_args(p)
+  p.add_argument("--out", default=None, help="results/<out>.json / .png; default needle[_<model>]")
   a = p.parse_args()
   if a.quick:
-    a.filler_tokens, a.depths, a.keys, a.budgets, a.presses = 200, [0.5], 2, [64], ["full", "ada-snapkv"]
+    a.contexts, a.depths, a.keys, a.budgets, a.presses = (
+      [256],
+      [0.5],
+      2,
+      [64],
+      ["full", "snapkv", "ada-snapkv"],
+    )
+  if a.out is None:
+    a.out = "needle" if a.model == common.MODEL else f"needle_{a.model}"
   return a
+
+
+def label(press: str, granularity: str, budget) -> str:
+  return press if budget is None else f"{press}{'/page' if granularity == 'page' else ''}@{budget}"
 
 
 def cut_at_sentence(text: str, depth: float) -> int:
@@ -100,6 +124,7 @@ def run_config(params, cfg, tok, cap, plan, trials, press, a, eos):
       {
         "key": t["key"],
         "depth": t["depth"],
+        "prompt_tokens": len(t["ids"]),
         "answer": text,
         "success": t["key"] in text.replace(" ", ""),
         "key_kept_layer_head_fraction": float(k),
@@ -109,10 +134,11 @@ def run_config(params, cfg, tok, cap, plan, trials, press, a, eos):
   return out, mem
 
 
-def summarise(pname, budget, results, depths, mem):
+def summarise(config, results, depths, mem):
   row = {
-    "press": pname,
-    "budget": budget if pname != "full" else None,
+    **config,
+    "label": label(config["press"], config["granularity"], config["budget"]),
+    "n": len(results),
     "accuracy": float(np.mean([r["success"] for r in results])),
     "key_kept_layer_head_fraction": float(np.mean([r["key_kept_layer_head_fraction"] for r in results])),
     "one_mention_kept_layer_head_fraction": float(
@@ -125,34 +151,73 @@ def summarise(pname, budget, results, depths, mem):
   return row
 
 
-def plot(rows, depths, name, n_keys, prompt_tokens):
+def comparisons(details, contexts) -> list[dict]:
+  """Paired tests on the same trials: each adaptive press against its uniform press (same budget and
+  granularity), and page against token granularity (same press and budget); per prompt length and pooled
+  over all lengths. McNemar's exact test on the discordant trials; allocated bytes beside."""
+  by = {(d["context"], d["press"], d["granularity"], d["budget"]): d for d in details}
+  pairs = []
+  for (ctx, press, gran, budget), d in by.items():
+    if press in UNIFORM_OF and (ctx, UNIFORM_OF[press], gran, budget) in by:
+      pairs.append(("adaptive vs uniform", d, by[(ctx, UNIFORM_OF[press], gran, budget)]))
+    if gran == "page" and (ctx, press, "token", budget) in by:
+      pairs.append(("page vs token", d, by[(ctx, press, "token", budget)]))
+  rows = []
+  groups: dict[tuple, list] = {}
+  for kind, x, y in pairs:
+    key = (kind, x["press"], x["granularity"], y["press"], y["granularity"], x["budget"])
+    groups.setdefault(key, []).append((x, y))
+  for (kind, px, gx, py, gy, budget), members in sorted(groups.items(), key=str):
+    for ctx in [*contexts, "all"]:
+      sel = [(x, y) for x, y in members if ctx == "all" or x["context"] == ctx]
+      if not sel or (ctx == "all" and len(contexts) == 1):
+        continue
+      a = [t["success"] for x, _ in sel for t in x["trials"]]
+      b = [t["success"] for _, y in sel for t in y["trials"]]
+      test = mcnemar(a, b)
+      rows.append(
+        {
+          "kind": kind,
+          "context": ctx,
+          "a": label(px, gx, budget),
+          "b": label(py, gy, budget),
+          "n": len(a),
+          "a_correct": int(sum(a)),
+          "b_correct": int(sum(b)),
+          **test,
+          "allocated_ratio_a_over_b": round(
+            sum(x["memory"]["allocated_bytes"] for x, _ in sel)
+            / sum(y["memory"]["allocated_bytes"] for _, y in sel),
+            4,
+          ),
+        }
+      )
+  return rows
+
+
+def plot(rows, depths, contexts, name, n_keys, model):
   plt = common.pyplot()
-  labels = [r["press"] + ("" if r["budget"] is None else f"@{r['budget']}") for r in rows]
-  acc = np.array([[r[f"acc@{d:g}"] for d in depths] for r in rows])
-  kept = np.array(
-    [[r["key_kept_layer_head_fraction"], r["one_mention_kept_layer_head_fraction"]] for r in rows]
+  labels = list(dict.fromkeys(r["label"] for r in rows))
+  cell = {(r["label"], r["context"]): r for r in rows}
+  cols = [(c, d) for c in contexts for d in depths]
+  acc = np.array(
+    [[cell[(lab, c)][f"acc@{d:g}"] if (lab, c) in cell else np.nan for c, d in cols] for lab in labels]
   )
-  fig, (ax, ax2) = plt.subplots(
-    1, 2, figsize=(9, 0.45 * len(rows) + 2), gridspec_kw={"width_ratios": [len(depths), 2]}
-  )
+  fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(cols), 0.32 * len(labels) + 1.6))
   im = ax.imshow(acc, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
   for (i, j), v in np.ndenumerate(acc):
-    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=9)
-  ax.set_xticks(range(len(depths)), [f"{d:.0%}" for d in depths])
-  ax.set_yticks(range(len(labels)), labels)
-  ax.set_xlabel("needle depth")
-  ax.set_title(f"pass-key accuracy ({n_keys} keys per cell)", fontsize=10)
-  fig.colorbar(im, ax=ax, fraction=0.05)
-  ax2.imshow(kept, cmap="Blues", vmin=0, vmax=1, aspect="auto")
-  for (i, j), v in np.ndenumerate(kept):
-    ax2.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=9, color="w" if v > 0.5 else "k")
-  ax2.set_xticks([0, 1], ["both\nmentions", "one\nmention"])
-  ax2.set_title("(layer, head) pairs keeping\nevery digit of the key", fontsize=9)
-  ax2.set_yticks([])
-  fig.suptitle(
-    f"SmolLM2-135M-Instruct, {min(prompt_tokens)}-{max(prompt_tokens)}-token prompts, "
-    "question-aware (max-pool k=7, w=32, alpha=0.2)",
-    fontsize=9,
+    if not np.isnan(v):
+      ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7)
+  ax.set_xticks(range(len(cols)), [f"{c // 1024 if c >= 1024 else c / 1024:g}K\n{d:.0%}" for c, d in cols])
+  ax.tick_params(axis="x", labelsize=7)
+  for j in range(1, len(contexts)):
+    ax.axvline(j * len(depths) - 0.5, color="k", lw=0.8)
+  ax.set_yticks(range(len(labels)), labels, fontsize=7)
+  ax.set_xlabel("prompt length / needle depth")
+  fig.colorbar(im, ax=ax, fraction=0.04)
+  ax.set_title(
+    f"{model}: pass-key accuracy, {n_keys} keys per cell, question-aware (max-pool k=7, w=32, alpha=0.2)",
+    fontsize=8,
   )
   fig.tight_layout()
   common.save_png(fig, name)
@@ -160,57 +225,79 @@ def plot(rows, depths, name, n_keys, prompt_tokens):
 
 def main():
   a = parse_args()
-  name = common.out_name("needle", a.quick)
+  name = common.out_name(a.out, a.quick)
   if a.replot:
     d = common.read_json(name)
-    return plot(d["rows"], a.depths, name, len(d["meta"]["keys"]), d["meta"]["prompt_tokens"])
+    return plot(d["rows"], a.depths, d["meta"]["contexts"], name, len(d["meta"]["keys"]), d["meta"]["model"])
   rng = random.Random(a.seed)
+  keys = [str(rng.randrange(10000, 100000)) for _ in range(a.keys)]
+  grid = [
+    (p, g, b)
+    for p in a.presses
+    for g in (["token"] if p == "full" else a.granularities)
+    for b in ([None] if p == "full" else a.budgets)
+  ]
+  presses = {c: None if c[0] == "full" else make_press(c[0], granularity=c[1], budget=c[2]) for c in grid}
+  rows, details, prompt_tokens = [], [], {}
   with common.Timer() as total:
-    cfg, params, tok = common.load()
-    filler = common.context_text(tok, a.filler_tokens, start=len(common.topics()) // 2)
-    keys = [str(rng.randrange(10000, 100000)) for _ in range(a.keys)]
-    trials = [build_trial(tok, filler, d, k) for d in a.depths for k in keys]
+    cfg, params, tok = common.load(a.model)
     eos = tuple(tok.eos_token_ids) or tuple(cfg.eos_token_ids)
-    grid = [(p, b) for p in a.presses for b in ([None] if p == "full" else a.budgets)]
-    presses = {(p, b): common.build_press(p, a, **({} if b is None else {"budget": b})) for p, b in grid}
-    colsum = any(press is not None and press.needs_colsum for press in presses.values())
-    cap = common.capture(params, cfg, [t["ids"] for t in trials], window=32, with_colsum=colsum)
-    plan = common.fitting_plan(
-      cfg, [cap.lens], list(presses.values()), room=a.new_tokens, page_size=a.page_size
-    )
-    rows, details = [], []
-    for pname, budget in tqdm(grid, desc="needle"):
-      res, mem = run_config(params, cfg, tok, cap, plan, trials, presses[(pname, budget)], a, eos)
-      rows.append(summarise(pname, budget, res, a.depths, mem))
-      details.append({"press": pname, "budget": budget, "trials": res})
+    overhead = len(build_trial(tok, "", 0.5, keys[0])["ids"])
+    for ctx in a.contexts:
+      if ctx <= overhead or ctx + a.new_tokens > cfg.max_position_embeddings:
+        raise SystemExit(
+          f"--contexts {ctx}: a prompt needs more than the {overhead} tokens of needle and question, and "
+          f"with {a.new_tokens} new tokens at most {cfg.max_position_embeddings} ({a.model}'s context)"
+        )
+      filler = common.context_text(tok, ctx - overhead, start=len(common.topics()) // 2)
+      trials = [build_trial(tok, filler, d, k) for d in a.depths for k in keys]
+      prompt_tokens[ctx] = [len(t["ids"]) for t in trials]
+      colsum = any(press is not None and press.needs_colsum for press in presses.values())
+      cap = common.capture(params, cfg, [t["ids"] for t in trials], window=32, with_colsum=colsum)
+      plan = common.fitting_plan(
+        cfg, [cap.lens], list(presses.values()), room=a.new_tokens, page_size=a.page_size
+      )
+      for pname, gran, budget in tqdm(grid, desc=f"needle {ctx}"):
+        press = presses[(pname, gran, budget)]
+        res, mem = run_config(params, cfg, tok, cap, plan, trials, press, a, eos)
+        config = {"context": ctx, "press": pname, "granularity": gran, "budget": budget}
+        rows.append(summarise(config, res, a.depths, mem))
+        details.append({**config, "memory": mem, "trials": res})
+      del cap
+  tests = comparisons(details, a.contexts)
   payload = {
     "meta": common.run_meta(
       a,
+      model=a.model,
       wall_s=round(total.s, 1),
       needle=NEEDLE,
       question=QUESTION,
       keys=keys,
-      prompt_tokens=[len(t["ids"]) for t in trials],
-      depth_actual=[round(t["depth_actual"], 3) for t in trials],
+      contexts=a.contexts,
+      prompt_tokens=prompt_tokens,
       success="the key's 5 digits appear in the greedy answer (spaces removed); greedy decoding stops at EOS",
+      comparisons="McNemar's exact two-sided test on the trials where exactly one of the pair succeeds",
     ),
     "rows": rows,
+    "comparisons": tests,
     "details": details,
   }
   common.write_json(name, payload)
-  plot(rows, a.depths, name, len(keys), payload["meta"]["prompt_tokens"])
+  plot(rows, a.depths, a.contexts, name, len(keys), a.model)
   common.print_table(
     rows,
     [
-      "press",
-      "budget",
+      "context",
+      "label",
       "accuracy",
       *[f"acc@{d:g}" for d in a.depths],
       "key_kept_layer_head_fraction",
-      "one_mention_kept_layer_head_fraction",
       "allocated_mib",
       "padding_overhead",
     ],
+  )
+  common.print_table(
+    tests, ["kind", "context", "a", "b", "n", "a_correct", "b_correct", "a_only", "b_only", "p_value"]
   )
   print(f"total {total.s:.0f}s")
 

@@ -245,3 +245,19 @@ def test_predictions_resume_by_id(tmp_path):
   path.write_text('{"_id": "a", "pred": "x", "answers": ["x"]}\n{"_id": "b", "pr')  # cut short
   assert longbench.done_ids(path) == {"a"}
   assert [r["_id"] for r in longbench.read_preds(path)] == ["a"]
+
+
+# ---- paired significance ---------------------------------------------------------------------------
+
+
+def test_mcnemar_counts_only_discordant_trials():
+  # 10 trials both right, 2 both wrong, a alone right in 6, b alone in 0: p = 2 * (1/2)^6 = 1/32
+  a = [True] * 10 + [False] * 2 + [True] * 6
+  b = [True] * 10 + [False] * 2 + [False] * 6
+  assert metrics.mcnemar(a, b) == {"a_only": 6, "b_only": 0, "p_value": pytest.approx(1 / 32)}
+  # 3 vs 1 discordant: p = 2 * (1 + 4) / 16 = 0.625, the same either way round
+  a, b = [True, True, True, False], [False, False, False, True]
+  assert metrics.mcnemar(a, b)["p_value"] == pytest.approx(0.625) == metrics.mcnemar(b, a)["p_value"]
+  assert metrics.mcnemar([True, False], [True, False])["p_value"] == 1.0  # no discordant trial
+  with pytest.raises(ValueError, match="equal lengths"):
+    metrics.mcnemar([True], [True, False])
