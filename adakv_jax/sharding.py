@@ -59,7 +59,12 @@ def _is_axes(x) -> bool:
 
 
 def make_mesh(data: int = 1, model: int = 1, devices=None) -> jax.sharding.Mesh:
-  """A ("data", "model") mesh with Auto axes, so GSPMD propagates shardings through the model."""
+  """A ("data", "model") mesh with Auto axes, so GSPMD propagates shardings through the model.
+
+  On simulated CPU devices with backend="pallas", pass devices=jax.devices()[1:]: the kernels then run
+  in JAX's TPU interpreter, whose callbacks compute on CPU device 0 while the mesh's devices wait at its
+  cross-device barrier, and a mesh holding device 0 can deadlock (seen with jax 0.10.2).
+  """
   devices = devices if devices is not None else jax.devices()
   if data * model > len(devices):
     raise ValueError(f"mesh {data}x{model} needs {data * model} devices, only {len(devices)} present")

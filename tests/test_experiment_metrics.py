@@ -261,3 +261,20 @@ def test_mcnemar_counts_only_discordant_trials():
   assert metrics.mcnemar([True, False], [True, False])["p_value"] == 1.0  # no discordant trial
   with pytest.raises(ValueError, match="equal lengths"):
     metrics.mcnemar([True], [True, False])
+
+
+def test_span_positions_are_the_tokens_that_spell_the_value():
+  from experiments import spans
+
+  class Tok:  # token i decodes to PIECES[i]
+    PIECES = ["The", " number", " is", ":", " ", "8", "1", "9", "7", "04", "7", "."]
+
+    def decode(self, ids):
+      return "".join(self.PIECES[i] for i in ids)
+
+  ids = list(range(len(Tok.PIECES)))
+  assert spans.value_positions(Tok(), ids, "8197047") == [5, 6, 7, 8, 9, 10]
+  with pytest.raises(ValueError, match="not in the prompt exactly once"):
+    spans.value_positions(Tok(), ids, "1234567")
+  with pytest.raises(ValueError, match="not in the prompt exactly once"):
+    spans.value_positions(Tok(), ids + ids, "8197047")

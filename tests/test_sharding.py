@@ -16,7 +16,9 @@ def test_sharded_generation_matches_single_device(backend):
   cfg, params = tiny_model(num_kv_heads=2, num_heads=4)
   prompts = random_prompts([21, 9, 14, 30])
   ref = gen.generate(params, cfg, prompts, max_new_tokens=4, backend="xla")
-  mesh = sharding.make_mesh(data=2, model=2)
+  # Interpreted Pallas kernels run their callbacks' array ops on CPU device 0; a mesh that includes it
+  # can deadlock at the interpreter's cross-device barrier (tests/kernels/test_kernels_shard_map.py).
+  mesh = sharding.make_mesh(data=2, model=2, devices=jax.devices()[1:] if backend == "pallas" else None)
   res = gen.generate(
     sharding.shard_params(params, mesh), cfg, prompts, max_new_tokens=4, backend=backend, mesh=mesh
   )
