@@ -47,6 +47,7 @@ def parse_args():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="tiny smoke run")
   p.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON")
+  p.add_argument("--model", default=common.MODEL)
   p.add_argument("--contexts", type=int, default=4)
   p.add_argument("--ctx-tokens", type=int, default=960, help="context tokens (the prompt fits 1024)")
   p.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256])
@@ -55,9 +56,12 @@ def parse_args():
   p.add_argument("--pool", choices=("max", "avg"), default="max", help="pooling of the SnapKV-family scores")
   p.add_argument("--kernel", type=int, default=7, help="pooling kernel of the SnapKV-family scores")
   common.add_press_args(p)
+  p.add_argument("--out", default=None, help="results/<out>.json / .png; default fidelity[_<model>]")
   a = p.parse_args()
   if a.quick:
     a.contexts, a.ctx_tokens, a.budgets, a.presses, a.new_tokens = 1, 200, [64], ["snapkv", "ada-snapkv"], 8
+  if a.out is None:
+    a.out = "fidelity" if a.model == common.MODEL else f"fidelity_{a.model}"
   return a
 
 
@@ -182,7 +186,7 @@ def evaluate(params, cfg, st, press, mode, m, valid):
   }
 
 
-def plot(rows, budgets, presses, name, pool="max", kernel=7):
+def plot(rows, budgets, presses, name, pool="max", kernel=7, model=common.MODEL, ctx_tokens=960):
   """KL and agreement against the budget (top rows) and KL against allocated memory (bottom row)."""
   plt = common.pyplot()
   fig, axes = plt.subplots(3, 2, figsize=(12, 12))
@@ -213,7 +217,7 @@ def plot(rows, budgets, presses, name, pool="max", kernel=7):
   handles, labels = axes[0, 0].get_legend_handles_labels()
   fig.legend(handles, labels, loc="lower center", ncol=len(presses), fontsize=8, bbox_to_anchor=(0.5, -0.02))
   fig.suptitle(
-    "SmolLM2-135M-Instruct, ~1K-token pydoc contexts, teacher-forced 32-token continuation "
+    f"{model}, ~{ctx_tokens}-token pydoc contexts, teacher-forced 32-token continuation "
     f"(SnapKV family: {pool}-pool k={kernel}; w=32, alpha=0.2, kv-head GQA)",
     fontsize=10,
   )
@@ -228,7 +232,7 @@ def _family(press: str, presses) -> int:
 
 def main():
   a = parse_args()
-  name = common.out_name("fidelity", a.quick)
+  name = common.out_name(a.out, a.quick)
   if a.replot:
     d = common.read_json(name)
     return plot(
@@ -238,9 +242,11 @@ def main():
       name,
       d["meta"]["args"].get("pool", "max"),
       d["meta"]["args"].get("kernel", 7),
+      d["meta"]["args"].get("model", common.MODEL),
+      d["meta"]["args"]["ctx_tokens"],
     )
   with common.Timer() as total:
-    cfg, params, tok = common.load()
+    cfg, params, tok = common.load(a.model)
     items = build_contexts(tok, a.contexts, a.ctx_tokens)
     eos = set(tok.eos_token_ids) | set(cfg.eos_token_ids)
     grid = [(m, p, b) for m in MODES for p in a.presses for b in a.budgets]
@@ -273,7 +279,11 @@ def main():
       rows.append({"mode": mode, "press": pname, "budget": budget, **r, "wall_s": round(t.s, 2)})
   payload = {
     "meta": common.run_meta(
-      a, wall_s=round(total.s, 1), new_tokens=a.new_tokens, questions=list(QUESTIONS[: a.contexts])
+      a,
+      model=a.model,
+      wall_s=round(total.s, 1),
+      new_tokens=a.new_tokens,
+      questions=list(QUESTIONS[: a.contexts]),
     ),
     "contexts": [
       {
@@ -290,7 +300,7 @@ def main():
     "rows": rows,
   }
   common.write_json(name, payload)
-  plot(rows, a.budgets, a.presses, name, a.pool, a.kernel)
+  plot(rows, a.budgets, a.presses, name, a.pool, a.kernel, a.model, a.ctx_tokens)
   common.print_table(
     rows,
     [
