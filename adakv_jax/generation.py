@@ -163,6 +163,7 @@ def decode_loop(
   """
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
   limit = state.tokens_BS.shape[1]
+  params = model_lib.per_layer_params(params)  # once, outside the loop (see per_layer_params)
 
   def cond(carry):
     i, st = carry

@@ -1,5 +1,7 @@
 """Generation with a full cache: batching, no retracing, sampling, and the errors a user can hit."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +29,46 @@ def test_the_decode_loop_compiles_once_and_runs_on_device():
   b = gen.generate(params, cfg, random_prompts([11], seed=3), max_new_tokens=8, backend="xla")
   assert gen.decode_loop._cache_size() == 1  # one loop for all 7 steps, reused for the second prompt
   assert len(a.token_ids[0]) == len(b.token_ids[0]) == 8
+
+
+def _while_bodies(hlo: str) -> list[str]:
+  """The text of every while-loop body computation in an optimised HLO module."""
+  names = set(re.findall(r"body=%?([\w.\-]+)", hlo))
+  blocks = re.split(r"\n(?=\S)", hlo)  # one block per computation
+  return [b for b in blocks if re.match(r"%?([\w.\-]+) \(", b) and re.match(r"%?([\w.\-]+)", b)[1] in names]
+
+
+def test_the_decode_loop_reads_each_layer_weight_in_place_and_per_layer_params_change_no_token():
+  """Slicing a stacked weight inside the loop would copy it on every step (XLA:CPU materialises the
+  slice before the dot): the loop body must hold no array of a layer weight's shape."""
+  from adakv_jax import model as model_lib
+  from adakv_jax.params import param_shapes
+
+  cfg, params = tiny_model(num_layers=3)
+  cache = _prefilled(cfg, params, room=8)
+  state = gen.start_decode(jnp.zeros((1,), jnp.int32), cache, jax.random.PRNGKey(0), 8, ())
+  kw = dict(cfg=cfg, sampling=gen.Sampling(), eos_ids=(), steps=8, backend="xla")
+  hlo = gen.decode_loop.lower(params, state, **kw).compile().as_text()
+  weight_types = {
+    "f32[" + ",".join(map(str, shape[1:])) + "]"
+    for shape in jax.tree.leaves(param_shapes(cfg)["layers"], is_leaf=lambda x: isinstance(x, tuple))
+    if len(shape) == 3
+  }
+  bodies = _while_bodies(hlo) if jax.default_backend() == "cpu" else ["(XLA:CPU's HLO text only)"]
+  assert bodies, "no while loop in the compiled decode loop"
+  copies = [
+    line.strip()
+    for body in bodies
+    for line in body.splitlines()
+    if re.search(r"= (" + "|".join(map(re.escape, weight_types)) + r")\{[\d,]*\} fusion\(", line)
+  ]
+  assert not copies, f"the loop body copies layer weights: {copies[:2]}"
+  stacked = gen.decode_loop(params, state, **kw)
+  state = gen.start_decode(
+    jnp.zeros((1,), jnp.int32), _prefilled(cfg, params, room=8), jax.random.PRNGKey(0), 8, ()
+  )
+  split = gen.decode_loop(model_lib.per_layer_params(params), state, **kw)
+  np.testing.assert_array_equal(stacked.tokens_BS, split.tokens_BS)
 
 
 def test_streaming_hands_out_every_token_once_in_order():
