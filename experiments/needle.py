@@ -11,7 +11,7 @@ press is compared with its uniform press on the same trials (McNemar's exact tes
 lengths), and page granularity with token granularity.
 
     python -m experiments.needle                                   # SmolLM2, 1K tokens, ~3 min
-    python -m experiments.needle --contexts 1024 2048 4096 8192    # the heatmap
+    python -m experiments.needle --contexts 1024 2048 4096 8000    # the heatmap (8192 - the answer)
     python -m experiments.needle --model qwen2.5-coder-0.5b --contexts 1024 2048 4096
     python -m experiments.needle --quick
 """
@@ -243,12 +243,13 @@ def main():
     cfg, params, tok = common.load(a.model)
     eos = tuple(tok.eos_token_ids) or tuple(cfg.eos_token_ids)
     overhead = len(build_trial(tok, "", 0.5, keys[0])["ids"])
-    for ctx in a.contexts:
+    for ctx in a.contexts:  # every length is checked before any prefill
       if ctx <= overhead or ctx + a.new_tokens > cfg.max_position_embeddings:
         raise SystemExit(
           f"--contexts {ctx}: a prompt needs more than the {overhead} tokens of needle and question, and "
           f"with {a.new_tokens} new tokens at most {cfg.max_position_embeddings} ({a.model}'s context)"
         )
+    for ctx in a.contexts:
       filler = common.context_text(tok, ctx - overhead, start=len(common.topics()) // 2)
       trials = [build_trial(tok, filler, d, k) for d in a.depths for k in keys]
       prompt_tokens[ctx] = [len(t["ids"]) for t in trials]
