@@ -4,8 +4,9 @@ Token-granular eviction scores each entry alone, so the digits of a 7-digit numb
 survive or die separately and the answer loses its tail (ADAKV_SPEC 9). Two mechanisms keep spans whole:
 a wider max-pool kernel over the scores (neighbours share a peak), and page-granular selection (a page
 is kept or dropped as a unit). This script compares them on RULER's niah_multikey_1 (4 word -> number
-needles in an essay, one asked), question-aware, at equal budgets, for SnapKV and Ada-SnapKV: kernel 7
-(the paper's), 15 and 31 at token granularity, and kernel 7 at page granularity. Beside accuracy, each
+needles in an essay, one asked), question-aware, at equal budgets, for SnapKV and Ada-SnapKV (the full
+cache is the ceiling): kernel 7 (the paper's), 15 and 31 at token granularity, and kernel 7 at page
+granularity. Beside accuracy, each
 configuration records the fraction of (layer, KV-head) pairs whose kept set holds every digit of the
 asked number, and the bytes the cache allocates; every variant is paired with kernel 7 on the same
 samples (McNemar's exact test).
@@ -79,15 +80,15 @@ def whole_fraction(positions_NBHC: np.ndarray, spans: list[list[int]]) -> np.nda
   return np.asarray(out)
 
 
-def label(press: str, variant: str, budget: int) -> str:
-  return f"{press}/{variant}@{budget}"
+def label(press: str, variant: str | None, budget: int | None) -> str:
+  return press if press == "full" else f"{press}/{variant}@{budget}"
 
 
 def comparisons(details: list[dict]) -> list[dict]:
   """Each variant against kernel 7 (same press and budget), and Ada-SnapKV against SnapKV (same variant
   and budget), on the same samples."""
   by = {(d["press"], d["variant"], d["budget"]): d for d in details}
-  pairs = [(d, by.get((p, "k7", b))) for (p, v, b), d in by.items() if v != "k7"]
+  pairs = [(d, by.get((p, "k7", b))) for (p, v, b), d in by.items() if p != "full" and v != "k7"]
   pairs += [(d, by.get(("snapkv", v, b))) for (p, v, b), d in by.items() if p == "ada-snapkv"]
   rows = []
   for x, y in pairs:
@@ -110,8 +111,14 @@ def comparisons(details: list[dict]) -> list[dict]:
 
 def plot(rows, name, model, n):
   plt = common.pyplot()
+  full = [r for r in rows if r["press"] == "full"]
+  rows = [r for r in rows if r["press"] != "full"]
   presses = list(dict.fromkeys(r["press"] for r in rows))
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  for r in full:
+    axes[0].axhline(
+      r["accuracy"], color="k", lw=0.8, ls=":", label=f"full cache ({r['allocated_mib']:.0f} MiB)"
+    )
   for ax, key, title in (
     (axes[0], "accuracy", "answer exact (all 7 digits)"),
     (axes[1], "whole_fraction", "(layer, head) pairs keeping the number whole"),
@@ -125,6 +132,7 @@ def plot(rows, name, model, n):
     ax.set_xlabel("allocated MiB (K/V)")
     ax.set_title(title, fontsize=9)
   axes[0].set_ylim(-0.05, 1.05)
+  axes[0].legend(fontsize=7, loc="upper left")
   axes[1].legend(fontsize=7, ncol=2)
   fig.suptitle(f"{model}: {TASK}, question-aware, {n} samples per point", fontsize=9)
   fig.tight_layout()
@@ -137,7 +145,7 @@ def main():
   if a.replot:
     d = common.read_json(name)
     return plot(d["rows"], name, d["meta"]["model"], d["meta"]["args"]["samples"])
-  grid = [(p, v, b) for p in a.presses for v in a.variants for b in a.budgets]
+  grid = [("full", None, None)] + [(p, v, b) for p in a.presses for v in a.variants for b in a.budgets]
   with common.Timer() as total:
     runner = ruler.Runner(a.model, a)
     cfg, params, tok = runner.cfg, runner.params, runner.tok
@@ -148,7 +156,10 @@ def main():
     prompts = [sum(runner.encode(s), []) for s in samples]
     spans = [value_positions(tok, ids, s["outputs"][0]) for ids, s in zip(prompts, samples)]
     presses = {
-      c: make_press(c[0], granularity=VARIANTS[c[1]][0], kernel=VARIANTS[c[1]][1], budget=c[2]) for c in grid
+      c: None
+      if c[0] == "full"
+      else make_press(c[0], granularity=VARIANTS[c[1]][0], kernel=VARIANTS[c[1]][1], budget=c[2])
+      for c in grid
     }
     cap = common.capture(params, cfg, prompts, window=32, with_colsum=False)
     plan = common.fitting_plan(
@@ -157,7 +168,8 @@ def main():
     rows, details = [], []
     for press_name, variant, budget in tqdm(grid, desc="spans"):
       cache, info, mem = common.compress(cfg, cap, presses[(press_name, variant, budget)], plan)
-      whole = whole_fraction(np.asarray(info["positions"]), spans)
+      press = presses[(press_name, variant, budget)]
+      whole = np.ones(len(spans)) if press is None else whole_fraction(np.asarray(info["positions"]), spans)
       ids = common.decode(
         params,
         cfg,
@@ -182,8 +194,8 @@ def main():
         {
           **config,
           "label": label(press_name, variant, budget),
-          "granularity": VARIANTS[variant][0],
-          "kernel": VARIANTS[variant][1],
+          "granularity": VARIANTS[variant][0] if variant else None,
+          "kernel": VARIANTS[variant][1] if variant else None,
           "n": len(per),
           "accuracy": float(np.mean([p["score"] == 1.0 for p in per])),
           "whole_fraction": float(np.mean(whole)),
