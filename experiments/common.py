@@ -202,6 +202,12 @@ def compress(cfg, cap: Capture, press, plan: CachePlan, *, seed: int = 0):
   return cache, jax.device_get(info), memory(cfg, cache.trim(), cap.lens, plan.room)
 
 
+def span_kept_LH(kept_LHC: np.ndarray, positions) -> np.ndarray:
+  """[layers, heads] bool: which (layer, head) pairs kept every one of `positions` (one sequence's
+  `info["positions"]`, [layers, heads, capacity])."""
+  return np.all([(kept_LHC == p).any(axis=-1) for p in positions], axis=0)
+
+
 def memory(cfg, cache, lens: list[int], room: int) -> dict:
   """The memory of a freshly made cache, in GenerationResult's terms: K/V bytes allocated (every pool
   page), kept by prefill, reserved for the `room` tokens to come, and the full cache's."""

@@ -275,4 +275,11 @@ def mcnemar(a: list[bool], b: list[bool]) -> dict:
   b_only = sum(1 for x, y in zip(a, b) if y and not x)
   n = a_only + b_only
   tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1)) / 2**n
-  return {"a_only": a_only, "b_only": b_only, "p_value": min(1.0, 2 * tail)}
+  return {
+    "n": len(a),
+    "a_correct": int(sum(map(bool, a))),
+    "b_correct": int(sum(map(bool, b))),
+    "a_only": a_only,
+    "b_only": b_only,
+    "p_value": min(1.0, 2 * tail),
+  }

@@ -99,9 +99,7 @@ def key_kept(positions_NBHC: np.ndarray, trials) -> tuple[np.ndarray, np.ndarray
   at least one complete mention."""
   both, one = [], []
   for b, t in enumerate(trials):
-    kept = positions_NBHC[:, b]  # [layers, heads, capacity]
-    has = {p: (kept == p).any(axis=-1) for p in t["key_positions"]}
-    full = [np.all([has[p] for p in m], axis=0) for m in t["mentions"]]
+    full = [common.span_kept_LH(positions_NBHC[:, b], m) for m in t["mentions"]]
     both.append(float((full[0] & full[1]).mean()))
     one.append(float((full[0] | full[1]).mean()))
   return np.asarray(both), np.asarray(one)
@@ -174,17 +172,13 @@ def comparisons(details, contexts) -> list[dict]:
         continue
       a = [t["success"] for x, _ in sel for t in x["trials"]]
       b = [t["success"] for _, y in sel for t in y["trials"]]
-      test = mcnemar(a, b)
       rows.append(
         {
           "kind": kind,
           "context": ctx,
           "a": label(px, gx, budget),
           "b": label(py, gy, budget),
-          "n": len(a),
-          "a_correct": int(sum(a)),
-          "b_correct": int(sum(b)),
-          **test,
+          **mcnemar(a, b),
           "allocated_ratio_a_over_b": round(
             sum(x["memory"]["allocated_bytes"] for x, _ in sel)
             / sum(y["memory"]["allocated_bytes"] for _, y in sel),
@@ -238,6 +232,7 @@ def main():
     for b in ([None] if p == "full" else a.budgets)
   ]
   presses = {c: None if c[0] == "full" else make_press(c[0], granularity=c[1], budget=c[2]) for c in grid}
+  colsum = any(press is not None and press.needs_colsum for press in presses.values())
   rows, details, prompt_tokens = [], [], {}
   with common.Timer() as total:
     cfg, params, tok = common.load(a.model)
@@ -253,7 +248,6 @@ def main():
       filler = common.context_text(tok, ctx - overhead, start=len(common.topics()) // 2)
       trials = [build_trial(tok, filler, d, k) for d in a.depths for k in keys]
       prompt_tokens[ctx] = [len(t["ids"]) for t in trials]
-      colsum = any(press is not None and press.needs_colsum for press in presses.values())
       cap = common.capture(params, cfg, [t["ids"] for t in trials], window=32, with_colsum=colsum)
       plan = common.fitting_plan(
         cfg, [cap.lens], list(presses.values()), room=a.new_tokens, page_size=a.page_size

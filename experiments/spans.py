@@ -6,10 +6,9 @@ a wider max-pool kernel over the scores (neighbours share a peak), and page-gran
 is kept or dropped as a unit). This script compares them on RULER's niah_multikey_1 (4 word -> number
 needles in an essay, one asked), question-aware, at equal budgets, for SnapKV and Ada-SnapKV (the full
 cache is the ceiling): kernel 7 (the paper's), 15 and 31 at token granularity, and kernel 7 at page
-granularity. Beside accuracy, each
-configuration records the fraction of (layer, KV-head) pairs whose kept set holds every digit of the
-asked number, and the bytes the cache allocates; every variant is paired with kernel 7 on the same
-samples (McNemar's exact test).
+granularity. Beside accuracy, each configuration records the fraction of (layer, KV-head) pairs whose
+kept set holds every digit of the asked number, and the bytes the cache allocates; every variant is
+paired with kernel 7 on the same samples (McNemar's exact test).
 
     python -m experiments.spans                                   # SmolLM2, 2K tokens, ~10 min
     python -m experiments.spans --model qwen2.5-coder-0.5b
@@ -66,18 +65,15 @@ def value_positions(tok, ids: list[int], value: str) -> list[int]:
   start = text.find(value)
   if start < 0 or text.find(value, start + 1) >= 0:
     raise ValueError(f"the value {value!r} is not in the prompt exactly once")
-  ends = np.cumsum([len(p) for p in pieces])
-  begins = ends - np.asarray([len(p) for p in pieces])
+  sizes = np.asarray([len(p) for p in pieces])
+  ends = np.cumsum(sizes)
+  begins = ends - sizes
   return [i for i in range(len(ids)) if begins[i] < start + len(value) and ends[i] > start]
 
 
 def whole_fraction(positions_NBHC: np.ndarray, spans: list[list[int]]) -> np.ndarray:
   """Per sample, the fraction of (layer, head) pairs that keep every token of its span."""
-  out = []
-  for b, span in enumerate(spans):
-    kept = positions_NBHC[:, b]
-    out.append(float(np.all([(kept == p).any(axis=-1) for p in span], axis=0).mean()))
-  return np.asarray(out)
+  return np.asarray([common.span_kept_LH(positions_NBHC[:, b], s).mean() for b, s in enumerate(spans)])
 
 
 def label(press: str, variant: str | None, budget: int | None) -> str:
@@ -99,9 +95,6 @@ def comparisons(details: list[dict]) -> list[dict]:
       {
         "a": label(x["press"], x["variant"], x["budget"]),
         "b": label(y["press"], y["variant"], y["budget"]),
-        "n": len(a),
-        "a_correct": int(sum(a)),
-        "b_correct": int(sum(b)),
         **metrics.mcnemar(a, b),
         "allocated_ratio_a_over_b": round(x["memory"]["allocated_bytes"] / y["memory"]["allocated_bytes"], 4),
       }
@@ -167,8 +160,8 @@ def main():
     )
     rows, details = [], []
     for press_name, variant, budget in tqdm(grid, desc="spans"):
-      cache, info, mem = common.compress(cfg, cap, presses[(press_name, variant, budget)], plan)
       press = presses[(press_name, variant, budget)]
+      cache, info, mem = common.compress(cfg, cap, press, plan)
       whole = np.ones(len(spans)) if press is None else whole_fraction(np.asarray(info["positions"]), spans)
       ids = common.decode(
         params,

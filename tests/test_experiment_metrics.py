@@ -254,7 +254,14 @@ def test_mcnemar_counts_only_discordant_trials():
   # 10 trials both right, 2 both wrong, a alone right in 6, b alone in 0: p = 2 * (1/2)^6 = 1/32
   a = [True] * 10 + [False] * 2 + [True] * 6
   b = [True] * 10 + [False] * 2 + [False] * 6
-  assert metrics.mcnemar(a, b) == {"a_only": 6, "b_only": 0, "p_value": pytest.approx(1 / 32)}
+  assert metrics.mcnemar(a, b) == {
+    "n": 18,
+    "a_correct": 16,
+    "b_correct": 10,
+    "a_only": 6,
+    "b_only": 0,
+    "p_value": pytest.approx(1 / 32),
+  }
   # 3 vs 1 discordant: p = 2 * (1 + 4) / 16 = 0.625, the same either way round
   a, b = [True, True, True, False], [False, False, False, True]
   assert metrics.mcnemar(a, b)["p_value"] == pytest.approx(0.625) == metrics.mcnemar(b, a)["p_value"]
