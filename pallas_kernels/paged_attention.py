@@ -25,6 +25,11 @@ Implementations (all equal to `paged_attention_reference`, tests/kernels/test_pa
   dead rows are zeroed first, one elementwise pass, since they may hold NaN, unless the caller says they
   are finite: `finite_dead`, which the library's own cache guarantees). That work grows with the
   number of query rows; past `XLA_ALL_ROWS_MAX_QUERY_ROWS` the pages are gathered per head instead.
+  When the pool is exactly the heads' pages in table order (head b * K + k owns pages
+  [(b * K + k) * M, (b * K + k + 1) * M): what `adakv_jax.cache.assign_pages` gives every head of a full
+  or uniform cache), the pool is already a dense [B * K, M * P, D] cache: a batched GEMM per head reads
+  each entry once with only its own G * T rows, nothing gathered and nothing wasted. Whether the table is
+  in that order is data, so one `lax.cond` picks the dense path or the general one at run time.
 - Pallas "tpu" (Mosaic): grid (B, K, splits); page table and lengths are scalar-prefetched into SMEM;
   the pools stay in HBM (memory_space=pl.ANY) and each program copies its head's live pages into a
   double-buffered VMEM block of `pages_per_block` pages with one DMA per live page (dead pages of a
@@ -243,6 +248,49 @@ def _all_rows_attention(
   return o_QD.reshape(q_BKGTD.shape).astype(q_BKGTD.dtype)
 
 
+def _is_contiguous(page_table_BKM, lengths_BK, num_pages, page_size):
+  """Whether the pool is exactly the heads' pages in table order: N = B * K * M and each live slot i
+  of head h = b * K + k names page h * M + i (slots past a head's live pages are not looked at)."""
+  b, kh, m = page_table_BKM.shape
+  if num_pages != b * kh * m:
+    return None  # statically not
+  in_order = page_table_BKM == jnp.arange(num_pages, dtype=page_table_BKM.dtype).reshape(b, kh, m)
+  return jnp.all(in_order | ~_live_pages_BKM(page_table_BKM, lengths_BK, page_size))
+
+
+def _contiguous_attention(
+  q_BKGTD, k_pages_NPD, v_pages_NPD, page_table_BKM, lengths_BK, *, sm_scale, finite_dead: bool
+):
+  """The pool as a dense [B * K, C = M * P, D] cache (valid when `_is_contiguous`): per head, its G * T
+  rows against its C entries. Scores come out [heads, C, rows]: with the long C axis as the GEMM's
+  rows XLA:CPU runs both products ~1.5x faster than with C as columns (measured over a 30-layer stack of
+  8K-entry caches). The optimization barriers keep XLA from fusing the softmax into the second product,
+  which it then runs as a slow loop."""
+  del page_table_BKM
+  b, kh, g, chunk, d = q_BKGTD.shape
+  n, page, _ = k_pages_NPD.shape
+  dtype = k_pages_NPD.dtype
+  prec = _HI if dtype == jnp.float32 else None
+  c = n * page // (b * kh)
+  k_HCD, v_HCD = k_pages_NPD.reshape(b * kh, c, d), v_pages_NPD.reshape(b * kh, c, d)
+  q_HRD = q_BKGTD.reshape(b * kh, g * chunk, d).astype(dtype)
+  s_HCR = jnp.einsum("hcd,hrd->hcr", k_HCD, q_HRD, precision=prec, preferred_element_type=jnp.float32)
+  s_HCR = lax.optimization_barrier(s_HCR * sm_scale)
+  vis_HR = jnp.broadcast_to(_visible_BKT(lengths_BK, chunk)[:, :, None], (b, kh, g, chunk))
+  pos_C = jnp.arange(c, dtype=jnp.int32)
+  s_HCR = jnp.where(pos_C[None, :, None] < vis_HR.reshape(b * kh, 1, g * chunk), s_HCR, -jnp.inf)
+  m_H1R = jnp.max(s_HCR, axis=1, keepdims=True)
+  p_HCR = jnp.exp(s_HCR - jnp.where(jnp.isfinite(m_H1R), m_H1R, 0.0))
+  l_HR = jnp.sum(p_HCR, axis=1)
+  p_HCR = lax.optimization_barrier(p_HCR.astype(dtype))
+  if not finite_dead:  # dead entries may hold NaN and 0 * NaN = NaN
+    live_HC1 = (pos_C[None, :] < lengths_BK.astype(jnp.int32).reshape(-1, 1))[..., None]
+    v_HCD = jnp.where(live_HC1, v_HCD, jnp.zeros((), dtype))
+  o_HRD = jnp.einsum("hcr,hcd->hrd", p_HCR, v_HCD, precision=prec, preferred_element_type=jnp.float32)
+  o_HRD = o_HRD / jnp.where(l_HR > 0, l_HR, 1.0)[:, :, None]
+  return o_HRD.reshape(q_BKGTD.shape).astype(q_BKGTD.dtype)
+
+
 def paged_attention_xla(
   q_BKGTD: jax.Array,
   k_pages_NPD: jax.Array,
@@ -253,7 +301,8 @@ def paged_attention_xla(
   sm_scale: float | None = None,
   finite_dead: bool = False,
 ) -> jax.Array:
-  """The XLA path (backend="xla"): all pool rows in one GEMM while B * K * G * T <=
+  """The XLA path (backend="xla"): a dense batched GEMM when the pool is the heads' pages in table order
+  (`_is_contiguous`); otherwise all pool rows in one GEMM while B * K * G * T <=
   XLA_ALL_ROWS_MAX_QUERY_ROWS, a per-head gather of pages above it. Products in the cache dtype
   (HIGHEST for float32) with float32 accumulation. finite_dead: the caller guarantees that dead entries
   and unowned pages hold finite values (the library's cache does: fresh pages are zeros and only model
@@ -261,21 +310,19 @@ def paged_attention_xla(
   _check_inputs(q_BKGTD, k_pages_NPD, v_pages_NPD, page_table_BKM, lengths_BK)
   scale = _scale(q_BKGTD.shape[-1], sm_scale)
   b, kh, g, chunk, _ = q_BKGTD.shape
-  if b * kh * g * chunk <= XLA_ALL_ROWS_MAX_QUERY_ROWS:
-    return _all_rows_attention(
-      q_BKGTD, k_pages_NPD, v_pages_NPD, page_table_BKM, lengths_BK, sm_scale=scale, finite_dead=finite_dead
-    )
+  n, page, _ = k_pages_NPD.shape
   dtype = k_pages_NPD.dtype
-  return _gathered_attention(
-    q_BKGTD,
-    k_pages_NPD,
-    v_pages_NPD,
-    page_table_BKM,
-    lengths_BK,
-    sm_scale=scale,
-    compute_dtype=dtype,
-    precision=_HI if dtype == jnp.float32 else None,
-  )
+  if b * kh * g * chunk <= XLA_ALL_ROWS_MAX_QUERY_ROWS:
+    general = functools.partial(_all_rows_attention, sm_scale=scale, finite_dead=finite_dead)
+  else:
+    prec = _HI if dtype == jnp.float32 else None
+    general = functools.partial(_gathered_attention, sm_scale=scale, compute_dtype=dtype, precision=prec)
+  args = (q_BKGTD, k_pages_NPD, v_pages_NPD, page_table_BKM, lengths_BK)
+  contiguous = _is_contiguous(page_table_BKM, lengths_BK, n, page)
+  if contiguous is None:
+    return general(*args)
+  dense = functools.partial(_contiguous_attention, sm_scale=scale, finite_dead=finite_dead)
+  return lax.cond(contiguous, dense, general, *args)
 
 
 # ----------------------------------------------------------------------------------------------------

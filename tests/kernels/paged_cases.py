@@ -20,14 +20,30 @@ def _lengths(rng, heads, page, max_pages):
 
 
 def paged_case(
-  seed, b, k, g, t, d, page, max_pages, dtype=jnp.float32, spare_pages=3, lens_BK=None, num_pages=None
+  seed,
+  b,
+  k,
+  g,
+  t,
+  d,
+  page,
+  max_pages,
+  dtype=jnp.float32,
+  spare_pages=3,
+  lens_BK=None,
+  num_pages=None,
+  contiguous=False,
 ):
   """(q, k_pages, v_pages, page_table, lengths), numpy-made (no per-op compiles). The pool has
-  num_pages pages (default: the live ones + spare_pages), the live ones at random places."""
+  num_pages pages (default: the live ones + spare_pages), the live ones at random places; contiguous:
+  B * K * M pages instead, head h = b * K + k owning pages h * M + i in table order (the layout of a full
+  cache), its dead pages NaN."""
   rng = np.random.default_rng(seed)
   lens = _lengths(rng, b * k, page, max_pages).reshape(b, k) if lens_BK is None else lens_BK
   live = -(-lens // page)
   n = int(live.sum()) + spare_pages if num_pages is None else num_pages
+  if contiguous:
+    n = b * k * max_pages
   assert n >= live.sum(), (n, live.sum())
   garbage = np.array([n, -1, 2**30, n + 7], np.int32)
   table = rng.choice(garbage, size=(b, k, max_pages)).astype(np.int32)
@@ -37,7 +53,7 @@ def paged_case(
   for bi in range(b):
     for ki in range(k):
       for i in range(live[bi, ki]):
-        pid = next(owned)
+        pid = (bi * k + ki) * max_pages + i if contiguous else next(owned)
         table[bi, ki, i] = pid
         rows = min(page, lens[bi, ki] - i * page)
         kp[pid, :rows] = rng.standard_normal((rows, d))

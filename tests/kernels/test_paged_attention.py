@@ -94,6 +94,48 @@ def test_xla_formulations_match_reference(formulation, g, t, d, page, dtype):
   _close(out, reference(*case), dtype)
 
 
+@pytest.mark.parametrize(
+  "b,k,g,t,d,page,m,dtype",
+  [
+    (1, 6, 3, 1, 64, 16, 4, jnp.float32),
+    (2, 3, 1, 1, 128, 8, 3, jnp.float32),
+    (1, 6, 8, 3, 64, 32, 2, jnp.bfloat16),
+    (2, 4, 2, 5, 128, 16, 3, jnp.bfloat16),
+  ],
+)
+@pytest.mark.parametrize("finite_dead", [False, True])
+def test_a_pool_in_table_order_is_attended_as_a_dense_cache(b, k, g, t, d, page, m, dtype, finite_dead):
+  """A full cache's layout (head h owns pages h * M .. h * M + M - 1): paged_attention_xla takes the
+  dense formulation, which equals the reference on lengths 0, 1, P, P + 1 and M * P."""
+  q, kp, vp, table, lens = paged_case(b * 100 + g * 10 + t, b, k, g, t, d, page, m, dtype, contiguous=True)
+  assert set(np.asarray(lens).ravel()) >= {0, 1, page, page + 1, m * page}
+  if finite_dead:  # what the library's cache holds in dead entries
+    kp, vp = jnp.nan_to_num(kp, nan=3.0), jnp.nan_to_num(vp, nan=-5.0)
+  assert bool(pa._is_contiguous(table, lens, kp.shape[0], page))
+  dense = functools.partial(pa._contiguous_attention, sm_scale=1 / math.sqrt(d), finite_dead=finite_dead)
+  want = reference(q, kp, vp, table, lens)
+  _close(jax.jit(dense)(q, kp, vp, table, lens), want, dtype)
+  xla = jax.jit(functools.partial(paged_attention_xla, finite_dead=finite_dead))
+  _close(xla(q, kp, vp, table, lens), want, dtype)
+
+
+def test_only_a_pool_in_table_order_counts_as_dense():
+  b, k, m, page = 1, 6, 3, 8
+  q, kp, vp, table, lens = paged_case(7, b, k, 2, 1, 64, page, m, contiguous=True)
+  is_dense = lambda table, lens, n=kp.shape[0]: pa._is_contiguous(table, lens, n, page)
+  assert bool(is_dense(table, lens))
+  assert is_dense(table, lens, n=kp.shape[0] + 1) is None  # a pool of another size: statically not
+  swapped = table.at[0, 0, 0].set(table[0, 1, 0]).at[0, 1, 0].set(table[0, 0, 0])
+  heads_with_pages = np.asarray(lens[0]) > 0
+  assert bool(is_dense(swapped, lens)) != (heads_with_pages[0] or heads_with_pages[1])
+  permuted = paged_case(7, b, k, 2, 1, 64, page, m, num_pages=b * k * m)
+  assert not bool(is_dense(permuted[3], permuted[4]))
+  # slots past a head's live pages are never looked at: garbage there keeps the pool dense
+  assert bool(is_dense(table, jnp.zeros_like(lens)))
+  # and a permuted pool still gets the reference's output through the general path
+  _close(jax.jit(paged_attention_xla)(*permuted), reference(*permuted), jnp.float32)
+
+
 def test_finite_dead_entries_let_the_all_rows_path_skip_zeroing_v():
   """With finite garbage in every dead entry (what the library's cache holds) finite_dead=True gives the
   reference's output; with NaN garbage it would not (that is why it is opt-in)."""
