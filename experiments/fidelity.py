@@ -30,7 +30,7 @@ from tqdm import tqdm
 from adakv_jax import model as model_lib
 from adakv_jax.generation import pad_rows
 from adakv_jax.press import PRESETS
-from experiments import common
+from experiments import common, metrics
 
 PRESSES = tuple(name for name in PRESETS if name != "full")
 # open questions, so that the reference answer rarely ends (EOS) before M tokens
@@ -186,6 +186,36 @@ def evaluate(params, cfg, st, press, mode, m, valid):
   }
 
 
+# (adaptive, uniform) pairs compared when both ran.
+PAIRS = [("ada-snapkv", "snapkv"), ("ada-pyramidkv", "pyramidkv")]
+
+
+def compare(rows: list[dict]) -> list[dict]:
+  """Per (mode, budget) and pair: the per-context KL and top-1 differences (a - b) with their standard
+  error and sign test, and the allocated bytes of a over b."""
+  by = {(r["mode"], r["press"], r["budget"]): r for r in rows}
+  out = []
+  for (mode, pa, budget), ra in by.items():
+    for a, b in PAIRS:
+      rb = by.get((mode, b, budget))
+      if pa != a or rb is None:
+        continue
+      out.append(
+        {
+          "mode": mode,
+          "budget": budget,
+          "a": a,
+          "b": b,
+          "kl": metrics.paired_differences(ra["per_context"]["kl_mean"], rb["per_context"]["kl_mean"]),
+          "top1": metrics.paired_differences(
+            ra["per_context"]["top1_agreement"], rb["per_context"]["top1_agreement"]
+          ),
+          "allocated_bytes_ratio": round(ra["allocated_bytes"] / rb["allocated_bytes"], 4),
+        }
+      )
+  return out
+
+
 def plot(rows, budgets, presses, name, pool="max", kernel=7, model=common.MODEL, ctx_tokens=960):
   """KL and agreement against the budget (top rows) and KL against allocated memory (bottom row)."""
   plt = common.pyplot()
@@ -298,6 +328,7 @@ def main():
     ],
     "reference_sanity": sanity,
     "rows": rows,
+    "comparisons": compare(rows),
   }
   common.write_json(name, payload)
   plot(rows, a.budgets, a.presses, name, a.pool, a.kernel, a.model, a.ctx_tokens)
@@ -317,6 +348,13 @@ def main():
       "padding_overhead",
     ],
   )
+  for c in payload["comparisons"]:
+    kl = c["kl"]
+    print(
+      f"{c['mode']} @{c['budget']}: KL {c['a']} - {c['b']} = {kl['mean']:+.4f} (se {kl['se'] or 0:.4f}, "
+      f"lower in {kl['a_lower']}/{kl['n']}, sign p = {kl['sign_p']:.3g}) "
+      f"at {c['allocated_bytes_ratio']}x bytes"
+    )
   print(f"total {total.s:.0f}s")
 
 

@@ -283,3 +283,24 @@ def mcnemar(a: list[bool], b: list[bool]) -> dict:
     "b_only": b_only,
     "p_value": min(1.0, 2 * tail),
   }
+
+
+def paired_differences(a: list[float], b: list[float]) -> dict:
+  """a - b over the same items: the mean with its standard error, and the exact two-sided sign test
+  (under "no difference" each non-tied item is a fair coin; ties carry no information)."""
+  if len(a) != len(b) or not a:
+    raise ValueError(f"paired results need equal, non-zero lengths, got {len(a)} and {len(b)}")
+  d = [x - y for x, y in zip(a, b)]
+  lower, higher = sum(1 for x in d if x < 0), sum(1 for x in d if x > 0)
+  n = lower + higher
+  tail = sum(math.comb(n, i) for i in range(min(lower, higher) + 1)) / 2**n
+  mean = sum(d) / len(d)
+  se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else None
+  return {
+    "n": len(d),
+    "mean": mean,
+    "se": se,
+    "a_lower": lower,
+    "a_higher": higher,
+    "sign_p": min(1.0, 2 * tail),
+  }

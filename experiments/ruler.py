@@ -36,6 +36,7 @@ import time
 import uuid
 
 import jax
+import numpy as np
 
 from experiments import common, metrics
 
@@ -1082,12 +1083,18 @@ def main():
     "deviations_from_ruler": DEVIATIONS,
     "generated_tokens": gen,
     "summary": summary,
+    "comparisons": compare(rows),
     "results": rows,
     "samples": samples_meta,
     "task_seconds": timings,
   }
   common.write_json(a.out, payload)
   print_summary(summary, a.lengths)
+  for c in payload["comparisons"]:
+    print(
+      f"{c['length']} {c['mode']} kept {c['kept']}: {c['a']} {c['a_correct']}/{c['n']} vs {c['b']} "
+      f"{c['b_correct']}/{c['n']} (McNemar p = {c['p_value']:.3g}; recall diff {c['recall_diff_mean']:+.3f})"
+    )
   plot(payload, a.out)
 
 
@@ -1113,6 +1120,62 @@ def summarize(rows: list[dict]) -> list[dict]:
     v["allocated_mib_mean"] = round(sum(v["allocated_mib"]) / len(v["allocated_mib"]), 3)  # over tasks
     del v["allocated_mib"]
   return list(out.values())
+
+
+# (adaptive, uniform) pairs compared when both ran: the allocation is the only difference.
+PAIRS = [("ada-snapkv", "snapkv"), ("ada-pyramidkv", "pyramidkv"), ("ada-snapkv", "pyramidkv")]
+
+
+def compare(rows: list[dict]) -> list[dict]:
+  """Paired comparisons of two presses on the same samples, per (length, mode, kept share) and pooled over
+  the shares: McNemar's exact test on whole answers (a sample's recall is 1), and the mean paired
+  difference of recall with its standard error; allocated bytes of both beside."""
+  by = {(r["length"], r["mode"], r["press"], r["ratio"], r["task"]): r for r in rows}
+  out = []
+  for length in sorted({r["length"] for r in rows}):
+    for mode in sorted({r["mode"] for r in rows}):
+      ratios = sorted({r["ratio"] for r in rows if r["ratio"] is not None})
+      for a, b in PAIRS:
+        for share in [*([x] for x in ratios), ratios]:
+          keys = [
+            (task, ratio)
+            for (ln, md, pr, ratio, task) in by
+            if ln == length
+            and md == mode
+            and pr == a
+            and ratio in share
+            and (length, mode, b, ratio, task) in by
+          ]
+          if not keys:
+            continue
+          ra = [by[(length, mode, a, ratio, task)] for task, ratio in keys]
+          rb = [by[(length, mode, b, ratio, task)] for task, ratio in keys]
+          sa = [x for r in ra for x in r["per_sample"]]
+          sb = [x for r in rb for x in r["per_sample"]]
+          diff = np.asarray(sa, float) - np.asarray(sb, float)
+          out.append(
+            {
+              "length": length,
+              "mode": mode,
+              "a": a,
+              "b": b,
+              "kept": [round(1 - x, 3) for x in share],
+              "tasks": sorted({t for t, _ in keys}),
+              **metrics.mcnemar([x == 1.0 for x in sa], [x == 1.0 for x in sb]),
+              "recall_a": round(float(np.mean(sa)), 4),
+              "recall_b": round(float(np.mean(sb)), 4),
+              "recall_diff_mean": round(float(diff.mean()), 4),
+              "recall_diff_se": round(float(diff.std(ddof=1) / np.sqrt(len(diff))), 4)
+              if len(diff) > 1
+              else None,
+              "allocated_bytes_ratio": round(
+                sum(r["memory"]["allocated_bytes"] for r in ra)
+                / sum(r["memory"]["allocated_bytes"] for r in rb),
+                4,
+              ),
+            }
+          )
+  return out
 
 
 def print_summary(summary: list[dict], lengths: list[int]) -> None:

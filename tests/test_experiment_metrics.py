@@ -6,6 +6,7 @@ import re
 import sys
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from experiments import longbench, metrics, ruler
@@ -285,3 +286,53 @@ def test_span_positions_are_the_tokens_that_spell_the_value():
     spans.value_positions(Tok(), ids, "1234567")
   with pytest.raises(ValueError, match="not in the prompt exactly once"):
     spans.value_positions(Tok(), ids + ids, "8197047")
+
+
+def test_ruler_comparisons_pair_the_same_samples_per_share_and_pooled():
+  def row(press, ratio, task, per_sample, nbytes):
+    return {
+      "length": 4096,
+      "mode": "aware",
+      "press": press,
+      "ratio": ratio,
+      "task": task,
+      "per_sample": per_sample,
+      "memory": {"allocated_bytes": nbytes},
+    }
+
+  rows = [
+    row("full", None, "vt", [1.0, 1.0], 400),
+    row("ada-snapkv", 0.5, "vt", [1.0, 0.5], 100),
+    row("snapkv", 0.5, "vt", [0.0, 0.5], 100),
+    row("ada-snapkv", 0.9, "vt", [1.0, 0.0], 21),
+    row("snapkv", 0.9, "vt", [1.0, 1.0], 20),
+  ]
+  got = {tuple(c["kept"]): c for c in ruler.compare(rows)}
+  assert set(got) == {(0.5,), (0.1,), (0.5, 0.1)}  # each share, then pooled; no pair without both presses
+  half = got[(0.5,)]
+  assert (half["a"], half["b"], half["n"], half["a_only"], half["b_only"]) == (
+    "ada-snapkv",
+    "snapkv",
+    2,
+    1,
+    0,
+  )
+  assert half["recall_diff_mean"] == 0.5 and half["allocated_bytes_ratio"] == 1.0
+  pooled = got[(0.5, 0.1)]
+  assert (pooled["n"], pooled["a_only"], pooled["b_only"], pooled["allocated_bytes_ratio"]) == (
+    4,
+    1,
+    1,
+    1.0083,
+  )
+
+
+def test_paired_differences_give_the_mean_its_error_and_the_sign_test():
+  got = metrics.paired_differences([1.0, 2.0, 3.0, 5.0], [2.0, 2.0, 1.0, 1.0])  # d = -1, 0, 2, 4
+  assert (got["n"], got["a_lower"], got["a_higher"]) == (4, 1, 2)
+  assert got["mean"] == pytest.approx(1.25)
+  assert got["se"] == pytest.approx(np.std([-1, 0, 2, 4], ddof=1) / 2)
+  assert got["sign_p"] == pytest.approx(1.0)  # 1 vs 2 of 3 non-ties: 2 * (1 + 3) / 8 = 1
+  assert metrics.paired_differences([0.0] * 6, [1.0] * 6)["sign_p"] == pytest.approx(2 / 64)
+  with pytest.raises(ValueError, match="equal"):
+    metrics.paired_differences([1.0], [])
