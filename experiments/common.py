@@ -97,11 +97,25 @@ def add_press_args(parser) -> None:
   )
 
 
+def add_gqa_arg(parser) -> None:
+  """--gqa, for scripts that run one grouping: score and budget per KV head or per query head."""
+  parser.add_argument(
+    "--gqa",
+    choices=("kv", "query"),
+    default="kv",
+    help="kv: one budget per KV head (scores averaged over its group); query: one per query head",
+  )
+
+
 def build_press(name: str, args, **overrides):
-  """make_press(name) with the script's --granularity; "full" is None (the uncompressed cache)."""
+  """make_press(name) with the script's --granularity (and --gqa where it has one); "full" is None (the
+  uncompressed cache)."""
   if name == "full":
     return None
-  return make_press(name, granularity=args.granularity, **overrides)
+  settings = dict(granularity=args.granularity)
+  if hasattr(args, "gqa"):
+    settings["gqa"] = args.gqa
+  return make_press(name, **{**settings, **overrides})
 
 
 def cache_heads(cfg, press) -> int:
@@ -168,20 +182,14 @@ def fitting_plan(cfg, batches: list[list[int]], presses, *, room: int, page_size
   """One cache plan that holds the cache of every press (None: the full cache) for every batch of prompt
   lengths: each layer's pool and the page-table width are the largest any of them needs.
 
-  Caches made with it share one shape, so the jitted append and decode loop compile once for a whole grid
-  instead of once per press (about half a minute each on CPU). A head reads only the pages it owns, so
-  the spare pool pages change no result, and `memory` reports the cache trimmed to the pages in use,
-  which is what generate() allocates for the same run.
+  Caches made with it share one shape per number of cache heads (KV heads, or query heads for
+  gqa="query"), so the jitted append and decode loop compile once for a whole grid instead of once per
+  press (about half a minute each on CPU). A head reads only the pages it owns, so the spare pool pages
+  change no result, and `memory` reports the cache trimmed to the pages in use, which is what generate()
+  allocates for the same run.
   """
-  heads = {cache_heads(cfg, press) for press in presses}
-  if len(heads) != 1:
-    raise ValueError(
-      f"presses with different cache heads ({sorted(heads)}) cannot share one plan: plan "
-      "each gqa setting on its own"
-    )
-  (h,) = heads
   plans = [
-    plan_cache(cfg.num_layers, h, lens, room=room, press=press, page_size=page_size)
+    plan_cache(cfg.num_layers, cache_heads(cfg, press), lens, room=room, press=press, page_size=page_size)
     for lens in batches
     for press in presses
   ]

@@ -56,12 +56,16 @@ def parse_args():
   p.add_argument("--pool", choices=("max", "avg"), default="max", help="pooling of the SnapKV-family scores")
   p.add_argument("--kernel", type=int, default=7, help="pooling kernel of the SnapKV-family scores")
   common.add_press_args(p)
-  p.add_argument("--out", default=None, help="results/<out>.json / .png; default fidelity[_<model>]")
+  common.add_gqa_arg(p)
+  p.add_argument(
+    "--out", default=None, help="results/<out>.json / .png; default fidelity[_<model>][_gqa-query]"
+  )
   a = p.parse_args()
   if a.quick:
     a.contexts, a.ctx_tokens, a.budgets, a.presses, a.new_tokens = 1, 200, [64], ["snapkv", "ada-snapkv"], 8
   if a.out is None:
     a.out = "fidelity" if a.model == common.MODEL else f"fidelity_{a.model}"
+    a.out += "_gqa-query" if a.gqa == "query" else ""
   return a
 
 
@@ -85,12 +89,16 @@ def build_contexts(tok, n: int, n_tokens: int):
 def attention_output_error(layers, positions_NBKC, len_B):
   """Per layer: relative L2 error of the window queries' attention output over the kept keys (softmax
   renormalised over them) against all keys, mean over sequences, query heads and window queries.
-  layers: a capture's model.LayerOutputs (q_win [N, B, H, W, D], k/v [N, B, K, L, D]); KV-head caches."""
+  layers: a capture's model.LayerOutputs (q_win [N, B, H, W, D], k/v [N, B, K, L, D]); positions of
+  KV-head or query-head caches (gqa="query": each query head keeps its own keys)."""
   q, k, v = layers.q_win_BHWD, layers.k_BKLD, layers.v_BKLD
   n, b, h, w, d = q.shape
   kh, l = k.shape[2], k.shape[3]
   idx = jnp.where(positions_NBKC >= 0, positions_NBKC, l).reshape(-1, positions_NBKC.shape[-1])
-  keep = jax.vmap(lambda i: jnp.zeros(l + 1, bool).at[i].set(True))(idx)[:, :l].reshape(n, b, kh, 1, 1, l)
+  per_kv = positions_NBKC.shape[2] // kh  # cache heads per KV head: 1, or the group for gqa="query"
+  keep = jax.vmap(lambda i: jnp.zeros(l + 1, bool).at[i].set(True))(idx)[:, :l].reshape(
+    n, b, kh, per_kv, 1, l
+  )
   s = jnp.einsum("nbkgwd,nbkld->nbkgwl", q.reshape(n, b, kh, h // kh, w, d), k) / jnp.sqrt(jnp.float32(d))
   qpos_BW = len_B[:, None] - w + jnp.arange(w)[None, :]
   ok = (jnp.arange(l)[None, None, :] <= qpos_BW[:, :, None])[None, :, None, None]  # [1, B, 1, 1, W, L]

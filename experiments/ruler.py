@@ -898,6 +898,7 @@ def parse_args():
   p.add_argument("--model", default=None, help="default: smollm2-135m")
   p.add_argument("--seed", type=int, default=0)
   common.add_press_args(p)
+  common.add_gqa_arg(p)
   p.add_argument("--quick", action="store_true", help="tiny smoke run")
   p.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON")
   p.add_argument("--out", default="ruler", help="results/<out>.json / .png")
@@ -1136,7 +1137,7 @@ def compare(rows: list[dict]) -> list[dict]:
     for mode in sorted({r["mode"] for r in rows}):
       ratios = sorted({r["ratio"] for r in rows if r["ratio"] is not None})
       for a, b in PAIRS:
-        for share in [*([x] for x in ratios), ratios]:
+        for share in [*([x] for x in ratios), *([ratios] if len(ratios) > 1 else [])]:
           keys = [
             (task, ratio)
             for (ln, md, pr, ratio, task) in by
