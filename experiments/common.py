@@ -84,8 +84,9 @@ def context_text(tok, n_tokens: int, start: int = 0) -> str:
 # ---- presses -----------------------------------------------------------------------------------------
 
 
-def add_press_args(parser) -> None:
-  """--granularity and --page-size: how presses select (entries or whole pages) and the cache's page."""
+def add_press_args(parser, *, gqa: bool = False) -> None:
+  """--granularity and --page-size: how presses select (entries or whole pages) and the cache's page;
+  with gqa, --gqa too, for scripts that run one grouping (score and budget per KV or per query head)."""
   parser.add_argument(
     "--granularity",
     choices=("token", "page"),
@@ -95,16 +96,13 @@ def add_press_args(parser) -> None:
   parser.add_argument(
     "--page-size", type=int, default=DEFAULT_PAGE_SIZE, help="entries per cache page (a power of two)"
   )
-
-
-def add_gqa_arg(parser) -> None:
-  """--gqa, for scripts that run one grouping: score and budget per KV head or per query head."""
-  parser.add_argument(
-    "--gqa",
-    choices=("kv", "query"),
-    default="kv",
-    help="kv: one budget per KV head (scores averaged over its group); query: one per query head",
-  )
+  if gqa:
+    parser.add_argument(
+      "--gqa",
+      choices=("kv", "query"),
+      default="kv",
+      help="kv: one budget per KV head (scores averaged over its group); query: one per query head",
+    )
 
 
 def build_press(name: str, args, **overrides):

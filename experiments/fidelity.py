@@ -55,8 +55,7 @@ def parse_args():
   p.add_argument("--new-tokens", type=int, default=32, help="M: teacher-forced continuation length")
   p.add_argument("--pool", choices=("max", "avg"), default="max", help="pooling of the SnapKV-family scores")
   p.add_argument("--kernel", type=int, default=7, help="pooling kernel of the SnapKV-family scores")
-  common.add_press_args(p)
-  common.add_gqa_arg(p)
+  common.add_press_args(p, gqa=True)
   p.add_argument(
     "--out", default=None, help="results/<out>.json / .png; default fidelity[_<model>][_gqa-query]"
   )
