@@ -1132,9 +1132,9 @@ def compare(rows: list[dict]) -> list[dict]:
   difference of recall with its standard error; allocated bytes of both beside."""
   by = {(r["length"], r["mode"], r["press"], r["ratio"], r["task"]): r for r in rows}
   out = []
+  ratios = sorted({r["ratio"] for r in rows if r["ratio"] is not None})
   for length in sorted({r["length"] for r in rows}):
     for mode in sorted({r["mode"] for r in rows}):
-      ratios = sorted({r["ratio"] for r in rows if r["ratio"] is not None})
       for a, b in PAIRS:
         for share in [*([x] for x in ratios), *([ratios] if len(ratios) > 1 else [])]:
           keys = [
@@ -1152,7 +1152,7 @@ def compare(rows: list[dict]) -> list[dict]:
           rb = [by[(length, mode, b, ratio, task)] for task, ratio in keys]
           sa = [x for r in ra for x in r["per_sample"]]
           sb = [x for r in rb for x in r["per_sample"]]
-          diff = np.asarray(sa, float) - np.asarray(sb, float)
+          diff = metrics.paired_differences(sa, sb)
           out.append(
             {
               "length": length,
@@ -1164,10 +1164,8 @@ def compare(rows: list[dict]) -> list[dict]:
               **metrics.mcnemar([x == 1.0 for x in sa], [x == 1.0 for x in sb]),
               "recall_a": round(float(np.mean(sa)), 4),
               "recall_b": round(float(np.mean(sb)), 4),
-              "recall_diff_mean": round(float(diff.mean()), 4),
-              "recall_diff_se": round(float(diff.std(ddof=1) / np.sqrt(len(diff))), 4)
-              if len(diff) > 1
-              else None,
+              "recall_diff_mean": round(diff["mean"], 4),
+              "recall_diff_se": None if diff["se"] is None else round(diff["se"], 4),
               "allocated_bytes_ratio": round(
                 sum(r["memory"]["allocated_bytes"] for r in ra)
                 / sum(r["memory"]["allocated_bytes"] for r in rb),
