@@ -95,11 +95,15 @@ def random_prompts(lengths: Sequence[int], vocab: int = TINY_VOCAB, seed: int = 
 
 
 def greedy_reference(params, cfg: ModelConfig, prompt: Sequence[int], steps: int) -> list[int]:
-  """Greedy continuation by re-running the uncached forward over the whole sequence for every token."""
+  """Greedy continuation by re-running the uncached forward over the whole sequence for every token.
+
+  The sequence is right-padded to its final width, so every step runs one compiled forward: causal
+  attention keeps the padding out of every logit the loop reads."""
   seq = list(prompt)
+  width = len(seq) + steps
   for _ in range(steps):
-    logits = model_lib.forward_full(params, jnp.asarray([seq]), cfg)
-    seq.append(int(jnp.argmax(logits[0, -1])))
+    logits = model_lib.forward_full(params, jnp.asarray([seq + [0] * (width - len(seq))]), cfg)
+    seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
   return seq[len(prompt) :]
 
 

@@ -61,11 +61,22 @@ print(json.dumps(res.answers))
 """
 
 
+def _direct_answers(cfg, params, prompts):
+  return gen.generate(
+    params, cfg, prompts, press=PRESS, questions=QUESTIONS, max_new_tokens=5, eos_token_ids=()
+  ).answers
+
+
+def test_a_restored_context_answers_as_the_direct_question_agnostic_run(saved):
+  cfg, params, prompts, _, path = saved
+  ctx = contexts.load_context(path, cfg=cfg, params=params)
+  res = gen.answer_questions(params, cfg, ctx, QUESTIONS, max_new_tokens=5, eos_token_ids=())
+  assert res.answers == _direct_answers(cfg, params, prompts)
+
+
+@pytest.mark.slow
 def test_a_context_restored_in_another_process_answers_as_the_direct_question_agnostic_run(saved):
   cfg, params, prompts, _, path = saved
-  direct = gen.generate(
-    params, cfg, prompts, press=PRESS, questions=QUESTIONS, max_new_tokens=5, eos_token_ids=()
-  )
   env = dict(os.environ, PYTHONPATH=str(ROOT))  # XLA_FLAGS kept: init_params must give the same bits
   out = subprocess.run(
     [sys.executable, "-c", _RESTORE, str(path), json.dumps(QUESTIONS)],
@@ -76,7 +87,7 @@ def test_a_context_restored_in_another_process_answers_as_the_direct_question_ag
     timeout=300,
   )
   assert out.returncode == 0, out.stderr[-2000:]
-  assert json.loads(out.stdout.strip().splitlines()[-1]) == direct.answers
+  assert json.loads(out.stdout.strip().splitlines()[-1]) == _direct_answers(cfg, params, prompts)
 
 
 def test_the_restored_cache_is_the_direct_runs_cache_entry_for_entry_and_page_for_page(saved):
