@@ -186,31 +186,31 @@ def test_ratio_mode_keeps_each_sequences_share_and_leaves_room_to_decode(ratio):
     assert res.budgets[:, b].sum(-1).tolist() == [cfg.num_kv_heads * kept] * cfg.num_layers
 
 
-SLOW = pytest.mark.slow  # the same bound at a budget, ratio or uniform press the other cases bracket
+def _case(name, overrides, lens, slow=False):
+  """slow: the same bound at a budget, ratio or uniform press that the other cases bracket."""
+  marks = [pytest.mark.slow] if slow else []
+  return pytest.param(name, overrides, lens, marks=marks, id=f"{name}-{overrides}-{len(lens)}")
+
+
 CASES = [  # (press name, overrides, prompt lengths): what the padding-overhead bound must hold for
-  ("ada-snapkv", dict(budget=64), [400]),
-  pytest.param("ada-snapkv", dict(budget=128), [400], marks=SLOW),
-  ("ada-snapkv", dict(budget=256), [600]),
-  ("ada-pyramidkv", dict(budget=64), [400]),
-  ("snapkv", dict(budget=64), [400]),
-  pytest.param("pyramidkv", dict(budget=128), [400], marks=SLOW),
-  ("h2o", dict(budget=64), [400]),
-  pytest.param("ada-snapkv", dict(compression_ratio=0.5), [400], marks=SLOW),
-  ("ada-snapkv", dict(compression_ratio=0.9), [700]),
-  ("ada-snapkv", dict(budget=64), [400, 250, 130]),
-  ("ada-snapkv", dict(budget=64, gqa="query"), [400]),
-  ("ada-snapkv", dict(budget=64, granularity="page"), [400]),
-  ("ada-pyramidkv", dict(budget=128, granularity="page", gqa="query"), [400]),
-  (None, {}, [400, 250]),
+  _case("ada-snapkv", dict(budget=64), [400]),
+  _case("ada-snapkv", dict(budget=128), [400], slow=True),
+  _case("ada-snapkv", dict(budget=256), [600]),
+  _case("ada-pyramidkv", dict(budget=64), [400]),
+  _case("snapkv", dict(budget=64), [400]),
+  _case("pyramidkv", dict(budget=128), [400], slow=True),
+  _case("h2o", dict(budget=64), [400]),
+  _case("ada-snapkv", dict(compression_ratio=0.5), [400], slow=True),
+  _case("ada-snapkv", dict(compression_ratio=0.9), [700]),
+  _case("ada-snapkv", dict(budget=64), [400, 250, 130]),
+  _case("ada-snapkv", dict(budget=64, gqa="query"), [400]),
+  _case("ada-snapkv", dict(budget=64, granularity="page"), [400]),
+  _case("ada-pyramidkv", dict(budget=128, granularity="page", gqa="query"), [400]),
+  _case(None, {}, [400, 250]),
 ]
 
 
-def _case_id(case):
-  name, overrides, lens = case.values if hasattr(case, "values") else case
-  return f"{name}-{overrides}-{len(lens)}"
-
-
-@pytest.mark.parametrize("name,overrides,lens", CASES, ids=[_case_id(c) for c in CASES])
+@pytest.mark.parametrize("name,overrides,lens", CASES)
 def test_allocated_memory_is_within_ten_percent_of_kept_plus_decode_room(name, overrides, lens):
   """The paged cache allocates what the press keeps: padding_overhead = allocated / (kept + room), at
   most 1 + (P - 1) / (kept + room per head) by construction (one partial page per head); with budgets of
