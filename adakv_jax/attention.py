@@ -7,10 +7,11 @@ real prompt are skipped (their outputs are zeros). Keys past a prompt's end need
 never sees them causally, and padded queries are zeroed.
 
 The softmax is the online one (a running max and sum per query, rescaled as key tiles arrive), so a tile
-product stays in cache and nothing [L, L] is ever built. The H2O statistic (colsum: per key, the
-attention probability summed over the real queries) needs each probability after normalisation, which
-the online pass only knows at the end; with `with_colsum` a first pass takes the row statistics (max and
-sum, no values) and a second computes exact probabilities, the output and colsum from them.
+product stays in cache and nothing [L, L] is ever built; exponents are floored at -80 (see _FLOOR). The
+H2O statistic (colsum: per key, the attention probability summed over the real queries) needs each
+probability after normalisation, which the online pass only knows at the end; with `with_colsum` a first
+pass takes the row statistics (max and sum, no values) and a second computes exact probabilities, the
+output and colsum from them.
 
 Tiles of 256 measured fastest on a 2-core CPU against 128 and 512 (SmolLM2 shapes, 4K tokens):
 a larger tile leaves cache, a smaller one pays per-step overhead.
@@ -26,6 +27,12 @@ TILE = 256
 # Masked scores and the running max start here. Finite, so no step ever forms inf - inf: the masked
 # entries and the first rescale come out as exp(-huge) = 0, never NaN.
 _MASKED = -1e30
+# exp of a score more than 80 below its row's max is taken as e^-80 (1.8e-35) instead of a float32
+# denormal or zero. On a real prompt most keys sit that far below a query's max, and x86 computes on
+# denormals in microcode, which slowed a real 8K prefill's attention (random scores never go that low).
+# A floored weight is e^-80 of the largest, so even 32K of them move a row's sum by under 1e-30 of
+# itself: float32 cannot see it. Masked entries stay exactly 0.
+_FLOOR = -80.0
 
 
 def causal_prefill_attention(q_BHLD, k_BKLD, v_BKLD, len_B, *, chunk: int, with_colsum: bool):
@@ -115,7 +122,12 @@ class _Tiles:
     """step(carry, raw scores of key tile j, j) over key tiles 0..i; the diagonal tile i is masked."""
     carry = lax.fori_loop(0, i, lambda j, c: step(c, self.scores(q_BKGTD, j), j), carry)
     diagonal = jnp.where(self.below_diagonal, self.scores(q_BKGTD, i), _MASKED)
-    return step(carry, diagonal, i)
+    return step(carry, diagonal, i, self.below_diagonal)
+
+  def exp(self, s, m, mask):
+    """exp((s - m) * scale), floored at e^_FLOOR; zero where mask (if any) is False."""
+    e = jnp.exp(jnp.maximum((s - m[..., None]) * self.scale, _FLOOR))
+    return e if mask is None else jnp.where(mask, e, 0.0)
 
   def scores(self, q_BKGTD, j):
     """Unscaled q . k of key tile j, float32 [B, K, G, T, T]; the scale enters inside exp."""
@@ -126,23 +138,23 @@ class _Tiles:
       "bkgqt,bktd->bkgqd", p_BKGTT.astype(self.v.dtype), self.v[j], preferred_element_type=jnp.float32
     )
 
-  def online_step(self, carry, s, j):
+  def online_step(self, carry, s, j, mask=None):
     m, total, acc = carry
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    e = jnp.exp((s - m_new[..., None]) * self.scale)
+    e = self.exp(s, m_new, mask)
     rescale = jnp.exp((m - m_new) * self.scale)
     return m_new, total * rescale + jnp.sum(e, axis=-1), acc * rescale[..., None] + self.pv(e, j)
 
-  def statistics_step(self, carry, s, j):
+  def statistics_step(self, carry, s, j, mask=None):
     m, total = carry
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    e = jnp.exp((s - m_new[..., None]) * self.scale)
+    e = self.exp(s, m_new, mask)
     return m_new, total * jnp.exp((m - m_new) * self.scale) + jnp.sum(e, axis=-1)
 
   def exact_step(self, m, weight):
-    def step(carry, s, j):
+    def step(carry, s, j, mask=None):
       acc, colsum_NBKGT = carry
-      p = jnp.exp((s - m[..., None]) * self.scale) * weight[..., None]
+      p = self.exp(s, m, mask) * weight[..., None]
       col = lax.dynamic_index_in_dim(colsum_NBKGT, j, keepdims=False) + jnp.sum(p, axis=-2)
       return acc + self.pv(p, j), lax.dynamic_update_index_in_dim(colsum_NBKGT, col, j, 0)
 

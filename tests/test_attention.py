@@ -114,6 +114,21 @@ def test_a_query_never_sees_later_keys():
   assert not np.allclose(colsum2[:, :, :40], colsum[:, :, :40], atol=1e-3)  # later queries moved
 
 
+def test_keys_far_below_a_querys_max_weigh_nothing_float32_can_see():
+  """Scores hundreds of units apart (as a real prompt's sink and its far keys are) pass through the
+  exponent floor: the output and colsum still match float64."""
+  q, k, v, len_B = qkv([40], 48, 1, 2, seed=5)
+  k = k.at[:, :, 3].set(100.0 * q[0, 0, 20] / jnp.linalg.norm(q[0, 0, 20]))  # dominant for query 20 on
+  k = k.at[:, :, 7].set(-k[:, :, 3])  # buried hundreds below the max for the same queries
+  gap = float(q[0, 0, 20] @ (k[0, 0, 3] - k[0, 0, 7])) / np.sqrt(HEAD_DIM)
+  assert gap > 2 * -attention._FLOOR  # key 7's exponent for query 20 is far past the floor
+  o, colsum = attend(q, k, v, len_B, chunk=16, with_colsum=True)
+  o_ref, colsum_ref = dense_reference(q, k, v, [40])
+  assert np.isfinite(np.asarray(o)).all()
+  np.testing.assert_allclose(o, o_ref, rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(colsum, colsum_ref, rtol=2e-5, atol=2e-5)
+
+
 def test_no_intermediate_is_as_large_as_the_score_matrix():
   q, k, v, len_B = qkv([1024], 1024, 1, 2)
   jaxpr = jax.make_jaxpr(functools.partial(causal_prefill_attention, chunk=512, with_colsum=True))(
