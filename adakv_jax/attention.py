@@ -7,7 +7,7 @@ real prompt are skipped (their outputs are zeros). Keys past a prompt's end need
 never sees them causally, and padded queries are zeroed.
 
 The softmax is the online one (a running max and sum per query, rescaled as key tiles arrive), so a tile
-product stays in cache and nothing [L, L] is ever built; exponents are floored at -80 (see _FLOOR). The
+product stays in cache and nothing [L, L] is ever built; exponents are floored at -80 (see EXP_FLOOR). The
 H2O statistic (colsum: per key, the attention probability summed over the real queries) needs each
 probability after normalisation, which the online pass only knows at the end; with `with_colsum` a first
 pass takes the row statistics (max and sum, no values) and a second computes exact probabilities, the
@@ -33,7 +33,7 @@ _MASKED = -1e30
 # 2-core AMD machine of experiments/results/bench_prefill.json the floor changed nothing measurable.
 # A floored weight is e^-80 of the largest, so even 32K of them move a row's sum by under 1e-30 of
 # itself: float32 cannot see it. Masked entries stay exactly 0.
-_FLOOR = -80.0
+EXP_FLOOR = -80.0
 
 
 def causal_prefill_attention(q_BHLD, k_BKLD, v_BKLD, len_B, *, chunk: int, with_colsum: bool):
@@ -126,8 +126,8 @@ class _Tiles:
     return step(carry, diagonal, i, self.below_diagonal)
 
   def exp(self, s, m, mask):
-    """exp((s - m) * scale), floored at e^_FLOOR; zero where mask (if any) is False."""
-    e = jnp.exp(jnp.maximum((s - m[..., None]) * self.scale, _FLOOR))
+    """exp((s - m) * scale), floored at e^EXP_FLOOR; zero where mask (if any) is False."""
+    e = jnp.exp(jnp.maximum((s - m[..., None]) * self.scale, EXP_FLOOR))
     return e if mask is None else jnp.where(mask, e, 0.0)
 
   def scores(self, q_BKGTD, j):

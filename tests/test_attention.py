@@ -121,7 +121,7 @@ def test_keys_far_below_a_querys_max_weigh_nothing_float32_can_see():
   k = k.at[:, :, 3].set(100.0 * q[0, 0, 20] / jnp.linalg.norm(q[0, 0, 20]))  # dominant for query 20 on
   k = k.at[:, :, 7].set(-k[:, :, 3])  # buried hundreds below the max for the same queries
   gap = float(q[0, 0, 20] @ (k[0, 0, 3] - k[0, 0, 7])) / np.sqrt(HEAD_DIM)
-  assert gap > 2 * -attention._FLOOR  # key 7's exponent for query 20 is far past the floor
+  assert gap > 2 * -attention.EXP_FLOOR  # key 7's exponent for query 20 is far past the floor
   o, colsum = attend(q, k, v, len_B, chunk=16, with_colsum=True)
   o_ref, colsum_ref = dense_reference(q, k, v, [40])
   assert np.isfinite(np.asarray(o)).all()
