@@ -26,8 +26,10 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads must not spin
 
 import argparse
+import glob
 import platform
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -251,13 +253,49 @@ def plot(rows, name):
 
 
 def machine() -> dict:
-  cpu = platform.processor()
+  """The host, in enough detail to tell two runs' machines apart: the same "AMD EPYC" label has measured
+  3x apart in this benchmark, so the ISA, caches and a matmul rate of each side are recorded too."""
+  info = {"cpu": platform.processor(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
   try:
     with open("/proc/cpuinfo") as f:
-      cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+      fields = dict(ln.split(":", 1) for ln in f.read().split("\n\n")[0].splitlines() if ":" in ln)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    info["cpu"] = fields.get("model name", info["cpu"])
+    info["cpu_mhz"] = fields.get("cpu MHz")
+    info["isa"] = sorted(
+      set(fields.get("flags", "").split()) & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"}
+    )
   except OSError:
     pass
-  return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform()}
+  caches = {}
+  for d in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+    try:
+      level, kind, size = (Path(d, x).read_text().strip() for x in ("level", "type", "size"))
+      caches[f"L{level}{'' if kind == 'Unified' else kind[0].lower()}"] = size
+    except OSError:
+      pass
+  return dict(info, caches=caches)
+
+
+def matmul_gflops(reps: int = 5) -> dict:
+  """float32 [4096, 576] @ [576, 1536] (SmolLM2's MLP shape at 4K tokens) per side, GFLOP/s of CPU time."""
+  import torch
+
+  a, b = np.ones((4096, 576), np.float32), np.ones((576, 1536), np.float32)
+  flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+  ja, jb, mm = jnp.asarray(a), jnp.asarray(b), jax.jit(jnp.matmul)
+  ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+  sides = {"jax": lambda: mm(ja, jb).block_until_ready(), "torch": lambda: torch.matmul(ta, tb)}
+  out = {}
+  for side, fn in sides.items():
+    fn()
+    cpu = []
+    for _ in range(reps):
+      with Clock() as c:
+        fn()
+      cpu.append(c.cpu_s)
+    out[side] = round(flops / np.median(cpu) / 1e9, 1)
+  return out
 
 
 def main():
@@ -285,6 +323,7 @@ def main():
     a,
     wall_s=round(total.wall_s, 1),
     machine=machine(),
+    matmul_gflops_per_cpu_s=matmul_gflops(),
     jaxlib_version=jaxlib.__version__,
     torch_version=torch.__version__,
     transformers_version=transformers.__version__,
