@@ -30,7 +30,7 @@ _MASKED = -1e30
 # exp of a score more than 80 below its row's max is taken as e^-80 (1.8e-35) instead of a float32
 # denormal or zero. On a real prompt most keys sit that far below a query's max, and many x86 cores
 # compute on denormals through slow microcode assists (random test scores never go that low). On the
-# 2-core AMD machine of experiments/results/bench_prefill.json the floor changed nothing measurable.
+# 2-core AMD machine of experiments/results/bench_prefill_8e0d763.json the floor changed nothing measurable.
 # A floored weight is e^-80 of the largest, so even 32K of them move a row's sum by under 1e-30 of
 # itself: float32 cannot see it. Masked entries stay exactly 0.
 EXP_FLOOR = -80.0
