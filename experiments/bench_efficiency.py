@@ -34,6 +34,7 @@ from adakv_jax import model as model_lib
 from adakv_jax.cache import plan_cache
 from adakv_jax.checkpoints import load_model
 from adakv_jax.press import make_press, press_label
+from experiments import common
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESSES = {  # name -> (preset, overrides); None = the full cache
@@ -191,6 +192,7 @@ def main(argv=None):
     "device": str(jax.devices()[0]),
     "platform": platform.platform(),
     "cpu_count": os.cpu_count(),
+    "machine": common.machine(),
     "load_average": os.getloadavg(),
     "method": "per context: one capture prefill; each press's paged cache from it (cache_from_capture, "
     "trimmed); ms/token = one decode_loop call of `steps` tokens / steps, compile excluded, "

@@ -26,10 +26,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads must not spin
 
 import argparse
-import glob
-import platform
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -252,31 +249,6 @@ def plot(rows, name):
   common.save_png(fig, name)
 
 
-def machine() -> dict:
-  """The host, in enough detail to tell two runs' machines apart: the same "AMD EPYC" label has measured
-  3x apart in this benchmark, so the ISA, caches and a matmul rate of each side are recorded too."""
-  info = {"cpu": platform.processor(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
-  try:
-    with open("/proc/cpuinfo") as f:
-      fields = dict(ln.split(":", 1) for ln in f.read().split("\n\n")[0].splitlines() if ":" in ln)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    info["cpu"] = fields.get("model name", info["cpu"])
-    info["cpu_mhz"] = fields.get("cpu MHz")
-    info["isa"] = sorted(
-      set(fields.get("flags", "").split()) & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"}
-    )
-  except OSError:
-    pass
-  caches = {}
-  for d in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
-    try:
-      level, kind, size = (Path(d, x).read_text().strip() for x in ("level", "type", "size"))
-      caches[f"L{level}{'' if kind == 'Unified' else kind[0].lower()}"] = size
-    except OSError:
-      pass
-  return dict(info, caches=caches)
-
-
 def matmul_gflops(reps: int = 5) -> dict:
   """float32 [4096, 576] @ [576, 1536] (SmolLM2's MLP shape at 4K tokens) per side, GFLOP/s of CPU time."""
   import torch
@@ -322,7 +294,6 @@ def main():
   meta = common.run_meta(
     a,
     wall_s=round(total.wall_s, 1),
-    machine=machine(),
     matmul_gflops_per_cpu_s=matmul_gflops(),
     jaxlib_version=jaxlib.__version__,
     torch_version=torch.__version__,

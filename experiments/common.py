@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import glob
 import json
 import os
 import platform
@@ -282,6 +283,31 @@ def git_commit() -> str:
 START_COMMIT = git_commit()  # the code a run imported, before anything changes the tree under it
 
 
+def machine() -> dict:
+  """The host, in enough detail to tell two runs' machines apart: two hosts with the same 2-core "AMD EPYC"
+  label ran bench_prefill 3x apart, so the ISA flags, clock and cache sizes go into every result's meta."""
+  info = {"cpu": platform.processor(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
+  try:
+    with open("/proc/cpuinfo") as f:
+      fields = dict(ln.split(":", 1) for ln in f.read().split("\n\n")[0].splitlines() if ":" in ln)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    info["cpu"] = fields.get("model name", info["cpu"])
+    info["cpu_mhz"] = fields.get("cpu MHz")
+    info["isa"] = sorted(
+      set(fields.get("flags", "").split()) & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"}
+    )
+  except OSError:
+    pass
+  caches = {}
+  for d in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+    try:
+      level, kind, size = (Path(d, x).read_text().strip() for x in ("level", "type", "size"))
+      caches[f"L{level}{'' if kind == 'Unified' else kind[0].lower()}"] = size
+    except OSError:
+      pass
+  return dict(info, caches=caches)
+
+
 def run_meta(args, **extra) -> dict:
   """Everything needed to read a result: model, dtype, backend, press defaults, machine, date."""
   return {
@@ -297,6 +323,7 @@ def run_meta(args, **extra) -> dict:
     "device": str(jax.devices()[0]),
     "platform": platform.platform(),
     "cpu_count": os.cpu_count(),
+    "machine": machine(),
     **extra,
   }
 
