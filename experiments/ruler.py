@@ -900,6 +900,12 @@ def parse_args():
   common.add_press_args(p, gqa=True)
   p.add_argument("--quick", action="store_true", help="tiny smoke run")
   p.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON")
+  p.add_argument(
+    "--against",
+    default=None,
+    help="results/<name>.json of a run on the same samples: compare each press with it (with --replot: "
+    "add the comparison to an existing run)",
+  )
   p.add_argument("--out", default="ruler", help="results/<out>.json / .png")
   a = p.parse_args()
   if a.quick:
@@ -1019,6 +1025,8 @@ def main():
   if a.replot:
     payload = common.read_json(a.out)
     print_summary(payload["summary"], sorted({s["length"] for s in payload["summary"]}))
+    if a.against:
+      against(payload, a)
     plot(payload, a.out)
     return
   from tqdm import tqdm
@@ -1090,12 +1098,21 @@ def main():
   }
   common.write_json(a.out, payload)
   print_summary(summary, a.lengths)
-  for c in payload["comparisons"]:
-    print(
-      f"{c['length']} {c['mode']} kept {c['kept']}: {c['a']} {c['a_correct']}/{c['n']} vs {c['b']} "
-      f"{c['b_correct']}/{c['n']} (McNemar p = {c['p_value']:.3g}; recall diff {c['recall_diff_mean']:+.3f})"
-    )
+  print_comparisons(payload["comparisons"])
+  if a.against:
+    against(payload, a)
   plot(payload, a.out)
+
+
+def against(payload: dict, a) -> None:
+  """Adds the comparison with --against's run to the payload and rewrites this run's JSON."""
+  payload["against"] = compare_runs(payload, common.read_json(a.against), a.against)
+  differs = payload["against"]["differs"]
+  print(f"\nagainst {a.against} ({differs}):")
+  print_comparisons(
+    payload["against"]["comparisons"], lambda c: (f"{c['a']} (this run)", f"{c['b']} (there)")
+  )
+  common.write_json(a.out, payload)
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -1126,30 +1143,34 @@ def summarize(rows: list[dict]) -> list[dict]:
 PAIRS = [("ada-snapkv", "snapkv"), ("ada-pyramidkv", "pyramidkv"), ("ada-snapkv", "pyramidkv")]
 
 
-def compare(rows: list[dict]) -> list[dict]:
+def compare(rows: list[dict], other: list[dict] | None = None, pairs=PAIRS) -> list[dict]:
   """Paired comparisons of two presses on the same samples, per (length, mode, kept share) and pooled over
   the shares: McNemar's exact test on whole answers (a sample's recall is 1), and the mean paired
-  difference of recall with its standard error; allocated bytes of both beside."""
-  by = {(r["length"], r["mode"], r["press"], r["ratio"], r["task"]): r for r in rows}
+  difference of recall with its standard error; allocated bytes of both beside. With `other` (another
+  run's rows on the same samples), a press is looked up in this run and b in the other."""
+  by_a, by_b = (
+    {(r["length"], r["mode"], r["press"], r["ratio"], r["task"]): r for r in rs}
+    for rs in (rows, rows if other is None else other)
+  )
   out = []
   ratios = sorted({r["ratio"] for r in rows if r["ratio"] is not None})
   for length in sorted({r["length"] for r in rows}):
     for mode in sorted({r["mode"] for r in rows}):
-      for a, b in PAIRS:
+      for a, b in pairs:
         for share in [*([x] for x in ratios), *([ratios] if len(ratios) > 1 else [])]:
           keys = [
             (task, ratio)
-            for (ln, md, pr, ratio, task) in by
+            for (ln, md, pr, ratio, task) in by_a
             if ln == length
             and md == mode
             and pr == a
             and ratio in share
-            and (length, mode, b, ratio, task) in by
+            and (length, mode, b, ratio, task) in by_b
           ]
           if not keys:
             continue
-          ra = [by[(length, mode, a, ratio, task)] for task, ratio in keys]
-          rb = [by[(length, mode, b, ratio, task)] for task, ratio in keys]
+          ra = [by_a[(length, mode, a, ratio, task)] for task, ratio in keys]
+          rb = [by_b[(length, mode, b, ratio, task)] for task, ratio in keys]
           sa = [x for r in ra for x in r["per_sample"]]
           sb = [x for r in rb for x in r["per_sample"]]
           diff = metrics.paired_differences(sa, sb)
@@ -1174,6 +1195,42 @@ def compare(rows: list[dict]) -> list[dict]:
             }
           )
   return out
+
+
+# What makes two runs' samples the same trials: the generator's outputs at the same prompt length.
+SAMPLE_IDENTITY = ("length", "task", "index", "prompt_tokens", "outputs")
+
+
+def compare_runs(payload: dict, other: dict, other_name: str) -> dict:
+  """Each press of this run against the same press in another run on the same samples (e.g. page against
+  token granularity, query- against KV-head budgets): the settings that differ and compare() per press."""
+  ours, theirs = ([tuple(str(s[k]) for k in SAMPLE_IDENTITY) for s in p["samples"]] for p in (payload, other))
+  if ours != theirs:
+    bad = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), min(len(ours), len(theirs)))
+    raise ValueError(
+      f"--against {other_name}: not the same samples (first difference at sample {bad}; "
+      f"{len(ours)} against {len(theirs)} samples): the model, lengths, tasks, seed or sample count differ"
+    )
+  settings = ("model", "granularity", "page_size", "gqa", "kernel", "pool")
+  args = [p["meta"]["args"] if isinstance(p["meta"]["args"], dict) else {} for p in (payload, other)]
+  presses = sorted(
+    {r["press"] for r in payload["results"]} & {r["press"] for r in other["results"]} - {"full"}
+  )
+  return {
+    "run": other_name,
+    "differs": {k: [args[0].get(k), args[1].get(k)] for k in settings if args[0].get(k) != args[1].get(k)},
+    "comparisons": compare(payload["results"], other["results"], pairs=[(p, p) for p in presses]),
+  }
+
+
+def print_comparisons(comparisons: list[dict], label=lambda c: (c["a"], c["b"])) -> None:
+  for c in comparisons:
+    a, b = label(c)
+    print(
+      f"{c['length']} {c['mode']} kept {c['kept']}: {a} {c['a_correct']}/{c['n']} vs {b} "
+      f"{c['b_correct']}/{c['n']} (McNemar p = {c['p_value']:.3g}; recall diff {c['recall_diff_mean']:+.3f}; "
+      f"bytes {c['allocated_bytes_ratio']:.3f}x)"
+    )
 
 
 def print_summary(summary: list[dict], lengths: list[int]) -> None:

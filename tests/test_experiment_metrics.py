@@ -336,3 +336,36 @@ def test_paired_differences_give_the_mean_its_error_and_the_sign_test():
   assert metrics.paired_differences([0.0] * 6, [1.0] * 6)["sign_p"] == pytest.approx(2 / 64)
   with pytest.raises(ValueError, match="equal"):
     metrics.paired_differences([1.0], [])
+
+
+def _run(per_sample: list[float], allocated: int, granularity: str, outputs=("123",)):
+  row = {"length": 1024, "task": "vt", "mode": "aware", "press": "snapkv", "ratio": 0.5, "kept": 0.5}
+  samples = [
+    {"length": 1024, "task": "vt", "index": i, "prompt_tokens": 900, "outputs": list(outputs)}
+    for i in range(len(per_sample))
+  ]
+  return {
+    "meta": {"args": {"granularity": granularity, "gqa": "kv"}},
+    "results": [dict(row, per_sample=per_sample, memory={"allocated_bytes": allocated})],
+    "samples": samples,
+  }
+
+
+def test_two_runs_on_the_same_samples_are_compared_press_by_press():
+  page, token = _run([1.0, 1.0, 0.5, 1.0], 110, "page"), _run([0.0, 1.0, 0.5, 0.0], 100, "token")
+  out = ruler.compare_runs(page, token, "token_run")
+  assert out["differs"] == {"granularity": ["page", "token"]}
+  (c,) = out["comparisons"]
+  assert (c["a"], c["b"], c["kept"]) == ("snapkv", "snapkv", [0.5])
+  # whole answers: page right on samples 0, 1, 3; token on 1 only; the partial recall counts for neither
+  assert (c["a_correct"], c["b_correct"], c["a_only"], c["b_only"]) == (3, 1, 2, 0)
+  assert c["p_value"] == pytest.approx(0.5)  # two discordant trials, both one way: 2 x (1/2)^2
+  assert c["recall_diff_mean"] == pytest.approx(0.5)
+  assert c["allocated_bytes_ratio"] == pytest.approx(1.1)
+
+
+def test_runs_on_different_samples_are_refused():
+  with pytest.raises(ValueError, match="not the same samples"):
+    ruler.compare_runs(_run([1.0], 1, "page"), _run([1.0], 1, "token", outputs=("456",)), "other")
+  with pytest.raises(ValueError, match="1 against 2 samples"):
+    ruler.compare_runs(_run([1.0], 1, "page"), _run([1.0, 1.0], 1, "token"), "other")
