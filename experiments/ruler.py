@@ -1026,6 +1026,8 @@ def main():
     payload = common.read_json(a.out)
     print_summary(payload["summary"], sorted({s["length"] for s in payload["summary"]}))
     if a.against:
+      payload["comparisons"] = compare(payload["results"])  # recomputed from the rows, as a run would
+      print_comparisons(payload["comparisons"])
       against(payload, a)
     plot(payload, a.out)
     return
@@ -1145,8 +1147,9 @@ PAIRS = [("ada-snapkv", "snapkv"), ("ada-pyramidkv", "pyramidkv"), ("ada-snapkv"
 
 def compare(rows: list[dict], other: list[dict] | None = None, pairs=PAIRS) -> list[dict]:
   """Paired comparisons of two presses on the same samples, per (length, mode, kept share) and pooled over
-  the shares: McNemar's exact test on whole answers (a sample's recall is 1), and the mean paired
-  difference of recall with its standard error; allocated bytes of both beside. With `other` (another
+  the shares: McNemar's exact test on whole answers (a sample's recall is 1), and the paired difference
+  of recall (partial credit: vt's names, multi-query's values) with its standard error and sign test;
+  allocated bytes of both beside. With `other` (another
   run's rows on the same samples), a press is looked up in this run and b in the other."""
   by_a, by_b = (
     {(r["length"], r["mode"], r["press"], r["ratio"], r["task"]): r for r in rs}
@@ -1187,6 +1190,9 @@ def compare(rows: list[dict], other: list[dict] | None = None, pairs=PAIRS) -> l
               "recall_b": round(float(np.mean(sb)), 4),
               "recall_diff_mean": round(diff["mean"], 4),
               "recall_diff_se": None if diff["se"] is None else round(diff["se"], 4),
+              "recall_a_higher": diff["a_higher"],
+              "recall_a_lower": diff["a_lower"],
+              "recall_sign_p": round(diff["sign_p"], 4),
               "allocated_bytes_ratio": round(
                 sum(r["memory"]["allocated_bytes"] for r in ra)
                 / sum(r["memory"]["allocated_bytes"] for r in rb),
@@ -1228,8 +1234,8 @@ def print_comparisons(comparisons: list[dict], label=lambda c: (c["a"], c["b"]))
     a, b = label(c)
     print(
       f"{c['length']} {c['mode']} kept {c['kept']}: {a} {c['a_correct']}/{c['n']} vs {b} "
-      f"{c['b_correct']}/{c['n']} (McNemar p = {c['p_value']:.3g}; recall diff {c['recall_diff_mean']:+.3f}; "
-      f"bytes {c['allocated_bytes_ratio']:.3f}x)"
+      f"{c['b_correct']}/{c['n']} (McNemar p = {c['p_value']:.3g}; recall diff {c['recall_diff_mean']:+.3f}, "
+      f"sign p = {c['recall_sign_p']:.3g}; bytes {c['allocated_bytes_ratio']:.3f}x)"
     )
 
 

@@ -361,6 +361,8 @@ def test_two_runs_on_the_same_samples_are_compared_press_by_press():
   assert (c["a_correct"], c["b_correct"], c["a_only"], c["b_only"]) == (3, 1, 2, 0)
   assert c["p_value"] == pytest.approx(0.5)  # two discordant trials, both one way: 2 x (1/2)^2
   assert c["recall_diff_mean"] == pytest.approx(0.5)
+  assert (c["recall_a_higher"], c["recall_a_lower"]) == (2, 0)  # the tied 0.5 carries no sign
+  assert c["recall_sign_p"] == pytest.approx(0.5)
   assert c["allocated_bytes_ratio"] == pytest.approx(1.1)
 
 
