@@ -899,7 +899,9 @@ def parse_args():
   p.add_argument("--seed", type=int, default=0)
   common.add_press_args(p, gqa=True)
   p.add_argument("--quick", action="store_true", help="tiny smoke run")
-  p.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON")
+  p.add_argument(
+    "--replot", action="store_true", help="recompute the comparisons and redraw the PNG from the JSON"
+  )
   p.add_argument(
     "--against",
     default=None,
@@ -1025,10 +1027,13 @@ def main():
   if a.replot:
     payload = common.read_json(a.out)
     print_summary(payload["summary"], sorted({s["length"] for s in payload["summary"]}))
-    if a.against:
+    if all("memory" in r for r in payload["results"]):  # runs that record each cache's bytes
       payload["comparisons"] = compare(payload["results"])  # recomputed from the rows, as a run would
       print_comparisons(payload["comparisons"])
-      against(payload, a)
+      if a.against:
+        against(payload, a)
+      else:
+        common.write_json(a.out, payload)
     plot(payload, a.out)
     return
   from tqdm import tqdm
