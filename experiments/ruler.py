@@ -1197,7 +1197,7 @@ def compare(rows: list[dict], other: list[dict] | None = None, pairs=PAIRS) -> l
               "recall_diff_se": None if diff["se"] is None else round(diff["se"], 4),
               "recall_a_higher": diff["a_higher"],
               "recall_a_lower": diff["a_lower"],
-              "recall_sign_p": round(diff["sign_p"], 4),
+              "recall_sign_p": float(f"{diff['sign_p']:.3g}"),  # significant digits: small p stay nonzero
               "allocated_bytes_ratio": round(
                 sum(r["memory"]["allocated_bytes"] for r in ra)
                 / sum(r["memory"]["allocated_bytes"] for r in rb),
