@@ -1106,7 +1106,7 @@ def main():
   common.write_json(a.out, payload)
   print_summary(summary, a.lengths)
   print_comparisons(payload["comparisons"])
-  if a.against:
+  if a.against:  # after the run is on disk: a refused comparison must not lose it
     against(payload, a)
   plot(payload, a.out)
 
@@ -1154,8 +1154,8 @@ def compare(rows: list[dict], other: list[dict] | None = None, pairs=PAIRS) -> l
   """Paired comparisons of two presses on the same samples, per (length, mode, kept share) and pooled over
   the shares: McNemar's exact test on whole answers (a sample's recall is 1), and the paired difference
   of recall (partial credit: vt's names, multi-query's values) with its standard error and sign test;
-  allocated bytes of both beside. With `other` (another
-  run's rows on the same samples), a press is looked up in this run and b in the other."""
+  allocated bytes of both beside. With `other` (another run's rows on the same samples), a press is
+  looked up in this run and b in the other."""
   by_a, by_b = (
     {(r["length"], r["mode"], r["press"], r["ratio"], r["task"]): r for r in rs}
     for rs in (rows, rows if other is None else other)
@@ -1222,8 +1222,8 @@ def compare_runs(payload: dict, other: dict, other_name: str) -> dict:
       f"--against {other_name}: not the same samples (first difference at sample {bad}; "
       f"{len(ours)} against {len(theirs)} samples): the model, lengths, tasks, seed or sample count differ"
     )
-  settings = ("model", "granularity", "page_size", "gqa", "kernel", "pool")
-  args = [p["meta"]["args"] if isinstance(p["meta"]["args"], dict) else {} for p in (payload, other)]
+  settings = ("model", "granularity", "page_size", "gqa")  # what this script's runs can vary on the samples
+  args = [p["meta"]["args"] for p in (payload, other)]
   presses = sorted(
     {r["press"] for r in payload["results"]} & {r["press"] for r in other["results"]} - {"full"}
   )
