@@ -85,9 +85,10 @@ def context_text(tok, n_tokens: int, start: int = 0) -> str:
 # ---- presses -----------------------------------------------------------------------------------------
 
 
-def add_press_args(parser, *, gqa: bool = False) -> None:
+def add_press_args(parser, *, gqa: bool = False, kernel: bool = False) -> None:
   """--granularity and --page-size: how presses select (entries or whole pages) and the cache's page;
-  with gqa, --gqa too, for scripts that run one grouping (score and budget per KV or per query head)."""
+  with gqa, --gqa too, for scripts that run one grouping (score and budget per KV or per query head); with
+  kernel, --kernel, the max-pool width over the scores (a wider one keeps the neighbours of a peak)."""
   parser.add_argument(
     "--granularity",
     choices=("token", "page"),
@@ -104,16 +105,25 @@ def add_press_args(parser, *, gqa: bool = False) -> None:
       default="kv",
       help="kv: one budget per KV head (scores averaged over its group); query: one per query head",
     )
+  if kernel:
+    parser.add_argument(
+      "--kernel",
+      type=int,
+      default=None,
+      help="max-pool kernel over every press's scores (odd; default: each preset's own, 7 for SnapKV)",
+    )
 
 
 def build_press(name: str, args, **overrides):
-  """make_press(name) with the script's --granularity (and --gqa where it has one); "full" is None (the
-  uncompressed cache)."""
+  """make_press(name) with the script's --granularity (and --gqa and --kernel where it has them); "full" is
+  None (the uncompressed cache)."""
   if name == "full":
     return None
   settings = dict(granularity=args.granularity)
   if hasattr(args, "gqa"):
     settings["gqa"] = args.gqa
+  if getattr(args, "kernel", None) is not None:
+    settings["kernel"] = args.kernel
   return make_press(name, **{**settings, **overrides})
 
 

@@ -897,7 +897,7 @@ def parse_args():
   p.add_argument("--short-gen", action="store_true", help="cap generated tokens per task (SHORT_GEN)")
   p.add_argument("--model", default=None, help="default: smollm2-135m")
   p.add_argument("--seed", type=int, default=0)
-  common.add_press_args(p, gqa=True)
+  common.add_press_args(p, gqa=True, kernel=True)
   p.add_argument("--quick", action="store_true", help="tiny smoke run")
   p.add_argument(
     "--replot", action="store_true", help="recompute the comparisons and redraw the PNG from the JSON"
@@ -1222,7 +1222,7 @@ def compare_runs(payload: dict, other: dict, other_name: str) -> dict:
       f"--against {other_name}: not the same samples (first difference at sample {bad}; "
       f"{len(ours)} against {len(theirs)} samples): the model, lengths, tasks, seed or sample count differ"
     )
-  settings = ("model", "granularity", "page_size", "gqa")  # what this script's runs can vary on the samples
+  settings = ("model", "granularity", "page_size", "gqa", "kernel")  # what runs can vary on the same samples
   args = [p["meta"]["args"] for p in (payload, other)]
   presses = sorted(
     {r["press"] for r in payload["results"]} & {r["press"] for r in other["results"]} - {"full"}

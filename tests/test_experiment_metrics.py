@@ -2,6 +2,7 @@
 (experiments/ruler.py) and LongBench prompt building (experiments/longbench.py), on hand-worked
 examples. No model is loaded."""
 
+import argparse
 import re
 import sys
 from collections import Counter
@@ -9,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from experiments import longbench, metrics, ruler
+from experiments import common, longbench, metrics, ruler
 
 # ---- LongBench metrics -----------------------------------------------------------------------------
 
@@ -371,3 +372,17 @@ def test_runs_on_different_samples_are_refused():
     ruler.compare_runs(_run([1.0], 1, "page"), _run([1.0], 1, "token", outputs=("456",)), "other")
   with pytest.raises(ValueError, match="1 against 2 samples"):
     ruler.compare_runs(_run([1.0], 1, "page"), _run([1.0, 1.0], 1, "token"), "other")
+
+
+def test_ruler_kernel_flag_overrides_every_press_and_is_compared_as_a_setting():
+  p = argparse.ArgumentParser()
+  common.add_press_args(p, gqa=True, kernel=True)
+  assert common.build_press("snapkv", p.parse_args([])).kernel == 7  # the preset's own
+  assert common.build_press("h2o", p.parse_args([])).kernel == 1
+  args = p.parse_args(["--kernel", "15"])
+  assert [common.build_press(n, args).kernel for n in ("snapkv", "ada-snapkv", "h2o")] == [15, 15, 15]
+  with pytest.raises(ValueError, match="odd integer"):
+    common.build_press("snapkv", p.parse_args(["--kernel", "8"]))
+  k15, k7 = _run([1.0], 1, "token"), _run([0.0], 1, "token")
+  k15["meta"]["args"]["kernel"] = 15
+  assert ruler.compare_runs(k15, k7, "k7")["differs"] == {"kernel": [15, None]}

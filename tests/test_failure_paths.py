@@ -7,7 +7,9 @@ exit.
 """
 
 import asyncio
+import gc
 import json
+import logging
 import math
 import os
 import shutil
@@ -260,6 +262,30 @@ def test_a_restore_that_fails_part_way_leaves_no_read_pending_on_a_closed_loop()
     loop.close()
   assert loop.is_closed() and all(r.done() for r in reads)
   assert asyncio.get_event_loop_policy() is before
+
+
+def test_a_read_that_failed_beside_the_first_is_not_printed_when_collected(caplog):
+  """A sibling read done with its own error before the loop closes: nobody retrieves it, and asyncio would
+  print it with a traceback when the task is garbage-collected, after the restore's one clear error."""
+
+  async def read():
+    raise OSError("second bad chunk")
+
+  async def restore():
+    asyncio.ensure_future(read())
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    raise OSError("bad chunk")
+
+  with orbax_io._event_loops_drained_on_close():
+    loop = asyncio.new_event_loop()
+    try:
+      loop.run_until_complete(restore())
+    except OSError as e:
+      assert str(e) == "bad chunk"
+    loop.close()
+  gc.collect()
+  assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 # --- generate: bad input is refused before the model loads --------------------------------------------------

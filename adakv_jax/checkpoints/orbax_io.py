@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -25,6 +26,8 @@ from pathlib import Path
 from adakv_jax.checkpoints.errors import CheckpointError
 from adakv_jax.checkpoints.layout import check_params
 from adakv_jax.config import ModelConfig, RopeScaling
+
+_log = logging.getLogger(__name__)
 
 MARKER = "adakv_model.json"
 FORMAT = "adakv-jax/orbax-v1"
@@ -281,7 +284,14 @@ class _DrainingLoop(asyncio.SelectorEventLoop):
 
   orbax runs each restore on a fresh loop and closes it as soon as the first array read fails. The reads still
   in flight then complete onto the closed loop ("RuntimeError: Event loop is closed" printed by tensorstore's
-  threads) and their abandoned coroutines print their errors again when garbage-collected."""
+  threads) and their abandoned coroutines print their errors again when garbage-collected. Reads that failed
+  before the close hold an exception nobody retrieves, which asyncio would print ("Task exception was never
+  retrieved", with a traceback): the restore has already raised one error naming the damage, so these go to
+  the debug log."""
+
+  def __init__(self):
+    super().__init__()
+    self.set_exception_handler(_abandoned_reads_to_debug_log)
 
   def close(self):
     if not self.is_closed() and not self.is_running():
@@ -291,6 +301,13 @@ class _DrainingLoop(asyncio.SelectorEventLoop):
       if pending:
         self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
     super().close()
+
+
+def _abandoned_reads_to_debug_log(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+  if context.get("message", "").endswith("exception was never retrieved"):
+    _log.debug("a read of the failed restore also failed: %r", context.get("exception"))
+  else:
+    loop.default_exception_handler(context)
 
 
 class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
