@@ -10,7 +10,10 @@ agreement, and the mean retained attention mass of the window queries (press inf
 Agnostic mode also reports the first answer token (after the question), which aware mode gets exactly.
 Per layer, the relative L2 error of the window queries' attention output over the kept keys against all
 keys (the quantity ADAKV_SPEC 2 bounds) is reported too, and each cache's memory (allocated, kept, decode
-room), so that presses can also be compared at equal allocated bytes.
+room), so that presses can also be compared at equal allocated bytes: within a run, each adaptive press
+against its uniform one at the same budget (`comparisons`); across runs on the same contexts (`--against
+NAME`, e.g. query- against KV-head budgets), each row against the other run's row of the same press that
+allocates the nearest bytes (`against`).
 
 One capture per mode serves every press (common.capture / common.compress).
 
@@ -21,6 +24,7 @@ One capture per mode serves every press (common.capture / common.compress).
 from __future__ import annotations
 
 import argparse
+import math
 
 import jax
 import jax.numpy as jnp
@@ -43,10 +47,16 @@ QUESTIONS = (
 MODES = ("aware", "agnostic")
 
 
-def parse_args():
+def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="tiny smoke run")
   p.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON")
+  p.add_argument(
+    "--against",
+    default=None,
+    help="results/<name>.json of a run on the same contexts: compare each row with its press's row there "
+    "that allocates the nearest bytes (with --replot: add the comparison to an existing run)",
+  )
   p.add_argument("--model", default=common.MODEL)
   p.add_argument("--contexts", type=int, default=4)
   p.add_argument("--ctx-tokens", type=int, default=960, help="context tokens (the prompt fits 1024)")
@@ -59,7 +69,11 @@ def parse_args():
   p.add_argument(
     "--out", default=None, help="results/<out>.json / .png; default fidelity[_<model>][_gqa-query]"
   )
-  a = p.parse_args()
+  return p
+
+
+def parse_args():
+  a = parser().parse_args()
   if a.quick:
     a.contexts, a.ctx_tokens, a.budgets, a.presses, a.new_tokens = 1, 200, [64], ["snapkv", "ada-snapkv"], 8
   if a.out is None:
@@ -223,6 +237,65 @@ def compare(rows: list[dict]) -> list[dict]:
   return out
 
 
+# What makes two runs' contexts the same: the same token counts and the same reference continuation.
+CONTEXT_IDENTITY = ("context_tokens", "question_tokens", "reference", "valid_positions")
+# The settings a run can vary on the same contexts.
+SETTINGS = ("model", "gqa", "granularity", "page_size", "pool", "kernel", "new_tokens")
+
+
+def compare_runs(payload: dict, other: dict, other_name: str) -> dict:
+  """Each row of this run against the row of the same mode and press in another run on the same contexts
+  that allocates the nearest bytes (by ratio): the comparison at equal memory rather than equal budget,
+  with the per-context KL and top-1 differences (a = this run) and the bytes of a over b."""
+  ours, theirs = ([tuple(c[k] for k in CONTEXT_IDENTITY) for c in p["contexts"]] for p in (payload, other))
+  if ours != theirs:
+    bad = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), min(len(ours), len(theirs)))
+    raise ValueError(
+      f"--against {other_name}: not the same contexts (first difference at context {bad}; {len(ours)} "
+      f"against {len(theirs)}): the model, --contexts, --ctx-tokens or --new-tokens differ"
+    )
+  out = []
+  for ra in payload["rows"]:
+    same = [r for r in other["rows"] if (r["mode"], r["press"]) == (ra["mode"], ra["press"])]
+    if not same:
+      continue
+    rb = min(same, key=lambda r: abs(math.log(r["allocated_bytes"] / ra["allocated_bytes"])))
+    out.append(
+      {
+        "mode": ra["mode"],
+        "press": ra["press"],
+        "a_budget": ra["budget"],
+        "b_budget": rb["budget"],
+        "kl": metrics.paired_differences(ra["per_context"]["kl_mean"], rb["per_context"]["kl_mean"]),
+        "top1": metrics.paired_differences(
+          ra["per_context"]["top1_agreement"], rb["per_context"]["top1_agreement"]
+        ),
+        "a_allocated_mib": ra["allocated_mib"],
+        "b_allocated_mib": rb["allocated_mib"],
+        "allocated_bytes_ratio": round(ra["allocated_bytes"] / rb["allocated_bytes"], 4),
+      }
+    )
+  defaults = vars(parser().parse_args([]))  # for runs recorded before a setting existed (or as None)
+  args = [{k: p["meta"]["args"].get(k) or defaults[k] for k in SETTINGS} for p in (payload, other)]
+  return {
+    "run": other_name,
+    "differs": {k: [args[0][k], args[1][k]] for k in SETTINGS if args[0][k] != args[1][k]},
+    "comparisons": out,
+  }
+
+
+def print_against(against: dict) -> None:
+  print(f"\nagainst {against['run']} ({against['differs']}), nearest allocated bytes:")
+  for c in against["comparisons"]:
+    kl = c["kl"]
+    print(
+      f"{c['mode']} {c['press']} @{c['a_budget']} ({c['a_allocated_mib']} MiB) vs @{c['b_budget']} "
+      f"({c['b_allocated_mib']} MiB, {c['allocated_bytes_ratio']}x): KL {kl['mean']:+.4f} "
+      f"(se {kl['se'] or 0:.4f}, lower in {kl['a_lower']}/{kl['n']}, higher in {kl['a_higher']}, "
+      f"sign p = {kl['sign_p']:.3g})"
+    )
+
+
 def plot(rows, budgets, presses, name, pool="max", kernel=7, model=common.MODEL, ctx_tokens=960):
   """KL and agreement against the budget (top rows) and KL against allocated memory (bottom row)."""
   plt = common.pyplot()
@@ -272,6 +345,10 @@ def main():
   name = common.out_name(a.out, a.quick)
   if a.replot:
     d = common.read_json(name)
+    if a.against:
+      d["against"] = compare_runs(d, common.read_json(a.against), a.against)
+      print_against(d["against"])
+      common.write_json(name, d)
     return plot(
       d["rows"],
       d["meta"]["args"]["budgets"],
@@ -282,6 +359,7 @@ def main():
       d["meta"]["args"].get("model", common.MODEL),
       d["meta"]["args"]["ctx_tokens"],
     )
+  other = common.read_json(a.against) if a.against else None  # a missing file fails before the run
   with common.Timer() as total:
     cfg, params, tok = common.load(a.model)
     items = build_contexts(tok, a.contexts, a.ctx_tokens)
@@ -337,6 +415,8 @@ def main():
     "rows": rows,
     "comparisons": compare(rows),
   }
+  if other is not None:
+    payload["against"] = compare_runs(payload, other, a.against)
   common.write_json(name, payload)
   plot(rows, a.budgets, a.presses, name, a.pool, a.kernel, a.model, a.ctx_tokens)
   common.print_table(
@@ -362,6 +442,8 @@ def main():
       f"lower in {kl['a_lower']}/{kl['n']}, sign p = {kl['sign_p']:.3g}) "
       f"at {c['allocated_bytes_ratio']}x bytes"
     )
+  if a.against:
+    print_against(payload["against"])
   print(f"total {total.s:.0f}s")
 
 

@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from experiments import common, longbench, metrics, ruler
+from experiments import common, fidelity, longbench, metrics, ruler
 
 # ---- LongBench metrics -----------------------------------------------------------------------------
 
@@ -386,3 +386,44 @@ def test_ruler_kernel_flag_overrides_every_press_and_is_compared_as_a_setting():
   k15, k7 = _run([1.0], 1, "token"), _run([0.0], 1, "token")
   k15["meta"]["args"]["kernel"] = 15
   assert ruler.compare_runs(k15, k7, "k7")["differs"] == {"kernel": [15, None]}
+
+
+def _fidelity_run(gqa: str, rows: list[tuple[int, int, list[float]]], reference="def f():"):
+  """rows: (budget, allocated bytes, per-context KL) of snapkv, question-aware."""
+  contexts = [
+    {"context_tokens": 960, "question_tokens": 20, "reference": reference, "valid_positions": 32}
+    for _ in rows[0][2]
+  ]
+  return {
+    "meta": {"args": {"gqa": gqa, "model": None}},
+    "contexts": contexts,
+    "rows": [
+      {
+        "mode": "aware",
+        "press": "snapkv",
+        "budget": b,
+        "allocated_bytes": nbytes,
+        "allocated_mib": nbytes / 2**20,
+        "per_context": {"kl_mean": kl, "top1_agreement": [0.5] * len(kl)},
+      }
+      for b, nbytes, kl in rows
+    ],
+  }
+
+
+def test_fidelity_runs_are_compared_at_the_nearest_allocated_bytes():
+  query = _fidelity_run("query", [(64, 300, [0.9, 0.8, 0.7])])
+  kv = _fidelity_run("kv", [(64, 100, [2.0, 2.0, 2.0]), (128, 190, [1.0, 0.5, 0.2]), (256, 400, [0.1] * 3)])
+  out = fidelity.compare_runs(query, kv, "kv_run")
+  assert out["differs"] == {"gqa": ["query", "kv"]}  # model None is the default model on both sides
+  (c,) = out["comparisons"]
+  assert (c["a_budget"], c["b_budget"]) == (64, 256)  # 300/400 is nearer than 300/190 as a ratio
+  assert c["allocated_bytes_ratio"] == pytest.approx(0.75)
+  assert (c["kl"]["a_higher"], c["kl"]["a_lower"]) == (3, 0)
+  assert c["kl"]["mean"] == pytest.approx(0.7)
+
+
+def test_fidelity_runs_on_different_contexts_are_refused():
+  a, b = _fidelity_run("query", [(64, 1, [0.1])]), _fidelity_run("kv", [(64, 1, [0.1])], reference="x = 1")
+  with pytest.raises(ValueError, match="not the same contexts"):
+    fidelity.compare_runs(a, b, "other")
