@@ -12,8 +12,8 @@ Per layer, the relative L2 error of the window queries' attention output over th
 keys (the quantity ADAKV_SPEC 2 bounds) is reported too, and each cache's memory (allocated, kept, decode
 room), so that presses can also be compared at equal allocated bytes: within a run, each adaptive press
 against its uniform one at the same budget (`comparisons`); across runs on the same contexts (`--against
-NAME`, e.g. query- against KV-head budgets), each row against the other run's row of the same press that
-allocates the nearest bytes (`against`).
+NAME ...`, e.g. query- against KV-head budgets), each row against the other run's row of the same press
+that allocates the nearest bytes (`against`, by run name).
 
 One capture per mode serves every press (common.capture / common.compress).
 
@@ -53,9 +53,10 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON")
   p.add_argument(
     "--against",
+    nargs="+",
     default=None,
-    help="results/<name>.json of a run on the same contexts: compare each row with its press's row there "
-    "that allocates the nearest bytes (with --replot: add the comparison to an existing run)",
+    help="results/<name>.json of runs on the same contexts: compare each row with its press's row there "
+    "that allocates the nearest bytes (with --replot: add the comparisons to an existing run)",
   )
   p.add_argument("--model", default=common.MODEL)
   p.add_argument("--contexts", type=int, default=4)
@@ -285,8 +286,13 @@ def compare_runs(payload: dict, other: dict, other_name: str) -> dict:
 
 
 def print_against(against: dict) -> None:
-  print(f"\nagainst {against['run']} ({against['differs']}), nearest allocated bytes:")
-  for c in against["comparisons"]:
+  for name, run in against.items():
+    print(f"\nagainst {name} ({run['differs']}), nearest allocated bytes:")
+    print_nearest(run["comparisons"])
+
+
+def print_nearest(comparisons: list[dict]) -> None:
+  for c in comparisons:
     kl = c["kl"]
     print(
       f"{c['mode']} {c['press']} @{c['a_budget']} ({c['a_allocated_mib']} MiB) vs @{c['b_budget']} "
@@ -346,7 +352,7 @@ def main():
   if a.replot:
     d = common.read_json(name)
     if a.against:
-      d["against"] = compare_runs(d, common.read_json(a.against), a.against)
+      d["against"] = {n: compare_runs(d, common.read_json(n), n) for n in a.against}
       print_against(d["against"])
       common.write_json(name, d)
     return plot(
@@ -359,7 +365,7 @@ def main():
       d["meta"]["args"].get("model", common.MODEL),
       d["meta"]["args"]["ctx_tokens"],
     )
-  other = common.read_json(a.against) if a.against else None  # a missing file fails before the run
+  others = {n: common.read_json(n) for n in a.against or []}  # a missing file fails before the run
   with common.Timer() as total:
     cfg, params, tok = common.load(a.model)
     items = build_contexts(tok, a.contexts, a.ctx_tokens)
@@ -415,8 +421,8 @@ def main():
     "rows": rows,
     "comparisons": compare(rows),
   }
-  if other is not None:
-    payload["against"] = compare_runs(payload, other, a.against)
+  if others:
+    payload["against"] = {n: compare_runs(payload, other, n) for n, other in others.items()}
   common.write_json(name, payload)
   plot(rows, a.budgets, a.presses, name, a.pool, a.kernel, a.model, a.ctx_tokens)
   common.print_table(

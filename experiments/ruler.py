@@ -904,9 +904,10 @@ def parse_args():
   )
   p.add_argument(
     "--against",
+    nargs="+",
     default=None,
-    help="results/<name>.json of a run on the same samples: compare each press with it (with --replot: "
-    "add the comparison to an existing run)",
+    help="results/<name>.json of runs on the same samples: compare each press with the same press there "
+    "(with --replot: add the comparisons to an existing run)",
   )
   p.add_argument("--out", default="ruler", help="results/<out>.json / .png")
   a = p.parse_args()
@@ -1112,13 +1113,12 @@ def main():
 
 
 def against(payload: dict, a) -> None:
-  """Adds the comparison with --against's run to the payload and rewrites this run's JSON."""
-  payload["against"] = compare_runs(payload, common.read_json(a.against), a.against)
-  differs = payload["against"]["differs"]
-  print(f"\nagainst {a.against} ({differs}):")
-  print_comparisons(
-    payload["against"]["comparisons"], lambda c: (f"{c['a']} (this run)", f"{c['b']} (there)")
-  )
+  """Adds the comparison with each --against run to the payload (`against`, by run name) and rewrites this
+  run's JSON."""
+  payload["against"] = {name: compare_runs(payload, common.read_json(name), name) for name in a.against}
+  for name, c in payload["against"].items():
+    print(f"\nagainst {name} ({c['differs']}):")
+    print_comparisons(c["comparisons"], lambda c: (f"{c['a']} (this run)", f"{c['b']} (there)"))
   common.write_json(a.out, payload)
 
 
