@@ -354,6 +354,29 @@ def read_json(name: str) -> dict:
   return json.loads((RESULTS / f"{name}.json").read_text())
 
 
+def require_same_trials(ours: list, theirs: list, what: str, other_name: str, causes: str) -> None:
+  """Two runs compared trial by trial (`--against`) must hold the same trials in the same order: names the
+  first that differs, and the settings that would make them differ."""
+  if ours != theirs:
+    bad = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), min(len(ours), len(theirs)))
+    raise ValueError(
+      f"--against {other_name}: not the same {what}s (first difference at {what} {bad}; "
+      f"{len(ours)} against {len(theirs)} {what}s): {causes} differ"
+    )
+
+
+def settings_that_differ(args_a: dict, args_b: dict, settings, defaults: dict | None = None) -> dict:
+  """{setting: [a, b]} for the recorded run settings that differ; a setting missing or None in a run's
+  record counts as its default there (runs recorded before the setting existed)."""
+  defaults = defaults or {}
+
+  def value(args, k):
+    v = args.get(k)
+    return defaults.get(k) if v is None else v
+
+  return {k: [value(args_a, k), value(args_b, k)] for k in settings if value(args_a, k) != value(args_b, k)}
+
+
 def _jsonable(x):
   if isinstance(x, (np.integer,)):
     return int(x)

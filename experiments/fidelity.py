@@ -249,12 +249,9 @@ def compare_runs(payload: dict, other: dict, other_name: str) -> dict:
   that allocates the nearest bytes (by ratio): the comparison at equal memory rather than equal budget,
   with the per-context KL and top-1 differences (a = this run) and the bytes of a over b."""
   ours, theirs = ([tuple(c[k] for k in CONTEXT_IDENTITY) for c in p["contexts"]] for p in (payload, other))
-  if ours != theirs:
-    bad = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), min(len(ours), len(theirs)))
-    raise ValueError(
-      f"--against {other_name}: not the same contexts (first difference at context {bad}; {len(ours)} "
-      f"against {len(theirs)}): the model, --contexts, --ctx-tokens or --new-tokens differ"
-    )
+  common.require_same_trials(
+    ours, theirs, "context", other_name, "the model, --contexts, --ctx-tokens or --new-tokens"
+  )
   out = []
   for ra in payload["rows"]:
     same = [r for r in other["rows"] if (r["mode"], r["press"]) == (ra["mode"], ra["press"])]
@@ -276,11 +273,12 @@ def compare_runs(payload: dict, other: dict, other_name: str) -> dict:
         "allocated_bytes_ratio": round(ra["allocated_bytes"] / rb["allocated_bytes"], 4),
       }
     )
-  defaults = vars(parser().parse_args([]))  # for runs recorded before a setting existed (or as None)
-  args = [{k: p["meta"]["args"].get(k) or defaults[k] for k in SETTINGS} for p in (payload, other)]
+  defaults = vars(parser().parse_args([]))
   return {
     "run": other_name,
-    "differs": {k: [args[0][k], args[1][k]] for k in SETTINGS if args[0][k] != args[1][k]},
+    "differs": common.settings_that_differ(
+      payload["meta"]["args"], other["meta"]["args"], SETTINGS, defaults
+    ),
     "comparisons": out,
   }
 
@@ -288,18 +286,14 @@ def compare_runs(payload: dict, other: dict, other_name: str) -> dict:
 def print_against(against: dict) -> None:
   for name, run in against.items():
     print(f"\nagainst {name} ({run['differs']}), nearest allocated bytes:")
-    print_nearest(run["comparisons"])
-
-
-def print_nearest(comparisons: list[dict]) -> None:
-  for c in comparisons:
-    kl = c["kl"]
-    print(
-      f"{c['mode']} {c['press']} @{c['a_budget']} ({c['a_allocated_mib']} MiB) vs @{c['b_budget']} "
-      f"({c['b_allocated_mib']} MiB, {c['allocated_bytes_ratio']}x): KL {kl['mean']:+.4f} "
-      f"(se {kl['se'] or 0:.4f}, lower in {kl['a_lower']}/{kl['n']}, higher in {kl['a_higher']}, "
-      f"sign p = {kl['sign_p']:.3g})"
-    )
+    for c in run["comparisons"]:
+      kl = c["kl"]
+      print(
+        f"{c['mode']} {c['press']} @{c['a_budget']} ({c['a_allocated_mib']} MiB) vs @{c['b_budget']} "
+        f"({c['b_allocated_mib']} MiB, {c['allocated_bytes_ratio']}x): KL {kl['mean']:+.4f} "
+        f"(se {kl['se'] or 0:.4f}, lower in {kl['a_lower']}/{kl['n']}, higher in {kl['a_higher']}, "
+        f"sign p = {kl['sign_p']:.3g})"
+      )
 
 
 def plot(rows, budgets, presses, name, pool="max", kernel=7, model=common.MODEL, ctx_tokens=960):

@@ -1116,9 +1116,9 @@ def against(payload: dict, a) -> None:
   """Adds the comparison with each --against run to the payload (`against`, by run name) and rewrites this
   run's JSON."""
   payload["against"] = {name: compare_runs(payload, common.read_json(name), name) for name in a.against}
-  for name, c in payload["against"].items():
-    print(f"\nagainst {name} ({c['differs']}):")
-    print_comparisons(c["comparisons"], lambda c: (f"{c['a']} (this run)", f"{c['b']} (there)"))
+  for name, run in payload["against"].items():
+    print(f"\nagainst {name} ({run['differs']}):")
+    print_comparisons(run["comparisons"], lambda c: (f"{c['a']} (this run)", f"{c['b']} (there)"))
   common.write_json(a.out, payload)
 
 
@@ -1216,20 +1216,16 @@ def compare_runs(payload: dict, other: dict, other_name: str) -> dict:
   """Each press of this run against the same press in another run on the same samples (e.g. page against
   token granularity, query- against KV-head budgets): the settings that differ and compare() per press."""
   ours, theirs = ([tuple(str(s[k]) for k in SAMPLE_IDENTITY) for s in p["samples"]] for p in (payload, other))
-  if ours != theirs:
-    bad = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), min(len(ours), len(theirs)))
-    raise ValueError(
-      f"--against {other_name}: not the same samples (first difference at sample {bad}; "
-      f"{len(ours)} against {len(theirs)} samples): the model, lengths, tasks, seed or sample count differ"
-    )
+  common.require_same_trials(
+    ours, theirs, "sample", other_name, "the model, lengths, tasks, seed or sample count"
+  )
   settings = ("model", "granularity", "page_size", "gqa", "kernel")  # what runs can vary on the same samples
-  args = [p["meta"]["args"] for p in (payload, other)]
   presses = sorted(
     {r["press"] for r in payload["results"]} & {r["press"] for r in other["results"]} - {"full"}
   )
   return {
     "run": other_name,
-    "differs": {k: [args[0].get(k), args[1].get(k)] for k in settings if args[0].get(k) != args[1].get(k)},
+    "differs": common.settings_that_differ(payload["meta"]["args"], other["meta"]["args"], settings),
     "comparisons": compare(payload["results"], other["results"], pairs=[(p, p) for p in presses]),
   }
 
